@@ -1,0 +1,152 @@
+"""Configuration dataclasses.
+
+They are plain dataclasses usable from Python, and Hydra structured configs at the same
+time: ``conf/config.yaml`` is validated against :class:`Config`, so a misspelt key or a
+value of the wrong type is an error that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the reference Llama-style decoder."""
+
+    n_layers: int = 4
+    dim: int = 64
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (no grouped-query attention)
+    vocab_size: int = 512
+    ffn_dim: Optional[int] = None  # None: derived from dim, ffn_dim_multiplier and multiple_of
+    ffn_dim_multiplier: float = 1.0
+    multiple_of: int = 16
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size: Llama's 2/3 · 4 · dim rule, scaled and rounded up."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(self.ffn_dim_multiplier * int(2 * 4 * self.dim / 3))
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("n_layers", "dim", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
+            if getattr(self, name) <= 0:
+                problems.append(f"model.{name}={getattr(self, name)} must be > 0")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            problems.append(f"model.n_kv_heads={self.n_kv_heads} must be > 0")
+        if self.n_heads > 0 and self.dim % self.n_heads:
+            problems.append(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        elif self.n_heads > 0 and self.head_dim % 2:
+            problems.append(f"head dim {self.head_dim} (dim/n_heads) must be even for rotary embeddings")
+        if self.n_heads > 0 and self.kv_heads > 0 and self.n_heads % self.kv_heads:
+            problems.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of every parallelism and their options.
+
+    The product ``pp · dp_replicate · dp_shard · cp · tp`` must equal the world size;
+    ``dp_shard=-1`` takes whatever is left.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    # tensor parallel
+    sequence_parallel: bool = True
+    loss_parallel: bool = False
+    # data parallel
+    reshard_after_forward: Optional[bool] = None  # None: True, except under pipeline parallel
+    # pipeline parallel (filled in by the pipeline issue; validated already)
+    pp_schedule: str = "1f1b"
+    microbatches: Optional[int] = None
+    stages_per_rank: int = 1
+    # context parallel
+    cp_backend: str = "ring"
+    # collective timeout
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are batched."""
+
+    source: str = "stdlib"  # stdlib | files
+    paths: list[str] = field(default_factory=list)  # text (.txt/.md/.py/...), .jsonl, or .bin memmap files
+    val_paths: list[str] = field(default_factory=list)  # optional; else a split of `paths`
+    text_key: str = "text"  # field of each .jsonl record
+    token_dtype: str = "uint16"  # dtype of .bin memmap files: uint16 | uint32
+    seq_len: int = 128
+    global_batch_size: int = 8  # sequences per optimizer step across all data-parallel ranks
+    val_fraction: float = 0.02
+    val_batches: int = 4  # global validation batches per validation run
+    shuffle: bool = True
+    max_bytes: Optional[int] = None  # cap on corpus size read from text sources (None: all)
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio · lr``."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    decay_steps: Optional[int] = None  # None: trainer.max_steps
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to ``lightning.Trainer`` (only these; add a field to pass another)."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    max_steps: int = 100
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    val_check_interval: Optional[int] = None  # in optimizer steps; None: once at the end
+    num_sanity_val_steps: int = 0
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    """The whole experiment, as composed by Hydra from ``conf/`` and ``recipes/``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 1234
+    run_dir: str = "."  # set by Hydra to its run directory

@@ -1,0 +1,79 @@
+"""Pre-flight checks of a layout against the world size, the model and the data.
+
+Shared by the CLI (before any process starts) and the strategy (before any process group
+exists). All problems are collected and reported at once.
+"""
+
+from __future__ import annotations
+
+from lightning_3d.config import DataConfig, ModelConfig, ParallelConfig
+from lightning_3d.dims import ParallelDims, _divisors
+
+VALID_CP_BACKENDS = ("ring", "allgather", "native")
+
+
+def _valid_tp(values: list[int], world_size: int) -> str:
+    common = [d for d in _divisors(world_size) if all(v % d == 0 for v in values)]
+    return f"valid tp values: {common}"
+
+
+def check_layout(
+    parallel: ParallelConfig,
+    world_size: int,
+    model: ModelConfig | None = None,
+    data: DataConfig | None = None,
+    accumulate_grad_batches: int = 1,
+) -> ParallelDims:
+    """Return the resolved :class:`ParallelDims`, or raise ``ValueError`` listing every problem."""
+    problems: list[str] = []
+    dims = None
+    try:
+        dims = ParallelDims.from_config(parallel, world_size)
+    except ValueError as error:
+        problems.append(str(error))
+    tp = max(parallel.tp, 1)
+    if parallel.pp > 1:
+        problems.append(f"parallel.pp={parallel.pp}: pipeline parallel is not available yet; use pp=1")
+    if parallel.cp > 1:
+        problems.append(f"parallel.cp={parallel.cp}: context parallel is not available yet; use cp=1")
+    if parallel.cp_backend not in VALID_CP_BACKENDS:
+        problems.append(f"parallel.cp_backend={parallel.cp_backend!r} is not one of {list(VALID_CP_BACKENDS)}")
+    if parallel.timeout_s <= 0:
+        problems.append(f"parallel.timeout_s={parallel.timeout_s} must be > 0")
+    if model is not None:
+        try:
+            model.validate()
+        except ValueError as error:
+            problems.append(str(error))
+        for name, value in (("n_heads", model.n_heads), ("n_kv_heads", model.kv_heads), ("vocab_size", model.vocab_size)):
+            if value > 0 and value % tp:
+                problems.append(
+                    f"model.{name}={value} is not divisible by parallel.tp={tp}; "
+                    + _valid_tp([model.n_heads, model.kv_heads, model.vocab_size], world_size)
+                )
+    if data is not None:
+        if data.seq_len <= 0:
+            problems.append(f"data.seq_len={data.seq_len} must be > 0")
+        if model is not None and data.seq_len > model.max_seq_len:
+            problems.append(f"data.seq_len={data.seq_len} is longer than model.max_seq_len={model.max_seq_len}")
+        if parallel.sequence_parallel and tp > 1 and data.seq_len % tp:
+            problems.append(
+                f"data.seq_len={data.seq_len} is not divisible by parallel.tp={tp} (sequence parallel "
+                "shards the sequence over tp); change seq_len or set parallel.sequence_parallel=false"
+            )
+        if accumulate_grad_batches < 1:
+            problems.append(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
+        elif dims is not None:
+            per_step = dims.dp * accumulate_grad_batches
+            if data.global_batch_size <= 0 or data.global_batch_size % per_step:
+                below = (data.global_batch_size // per_step) * per_step
+                nearest = [b for b in (below, below + per_step) if b > 0]
+                problems.append(
+                    f"data.global_batch_size={data.global_batch_size} is not divisible by the data-parallel size "
+                    f"{dims.dp} (dp_replicate={dims.dp_replicate} × dp_shard={dims.dp_shard}) × "
+                    f"accumulate_grad_batches={accumulate_grad_batches} = {per_step}; nearest valid: {nearest}"
+                )
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    assert dims is not None  # no problems means the dims resolved
+    return dims
