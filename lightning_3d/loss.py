@@ -1,0 +1,35 @@
+"""Token-weighted cross entropy over the global batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+IGNORE_INDEX = -100
+
+
+def token_weighted_loss(logits: Tensor, labels: Tensor, loss_mesh: DeviceMesh | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(loss_to_backward, global_mean_loss, global_token_count)``.
+
+    The global mean is Σ token losses / Σ tokens over every rank of ``loss_mesh``
+    (ignore_index excluded), the same number on every rank. The loss to backward is this
+    rank's share of it, multiplied by the mesh size because data-parallel gradient
+    reduction averages over the same ranks: the averaged gradient is then exactly the
+    gradient of the global mean.
+    """
+    summed = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if isinstance(summed, DTensor):  # loss parallel: the sum is replicated over tp
+        summed = summed.to_local()
+    # float64: token counts of large global batches stay exact
+    counts = torch.stack([(labels != IGNORE_INDEX).sum().double(), summed.detach().double()])
+    mesh_size = 1
+    if loss_mesh is not None and loss_mesh.size() > 1:
+        dist.all_reduce(counts, group=loss_mesh.get_group())
+        mesh_size = loss_mesh.size()
+    tokens, global_sum = counts[0], counts[1]
+    denominator = tokens.clamp(min=1)
+    return summed * (mesh_size / denominator).to(summed.dtype), (global_sum / denominator).float(), tokens

@@ -1,0 +1,56 @@
+"""Gradient-norm clipping with the true global norm over every mesh dim.
+
+Gradients may be DTensors on different meshes (2-D FSDP × TP, 1-D FSDP, plain tensors)
+and pipeline stages hold different parameters, so ``torch.nn.utils.clip_grad_norm_``
+cannot combine them. Instead each rank sums the squares of its local shards, weighted by
+1 / (number of ranks holding the same shard), and one all-reduce over the world adds up
+the stages and shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from math import prod
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+
+def _local_and_shards(grad: Tensor) -> tuple[Tensor, int]:
+    if isinstance(grad, DTensor):
+        # Every non-Replicate mesh dim splits the tensor: Shard, and the _StridedShard that
+        # FSDP2 uses on top of tensor parallel (which is not a Shard subclass).
+        shards = prod(grad.device_mesh.size(dim) for dim, placement in enumerate(grad.placements) if not placement.is_replicate())
+        return grad.to_local(), shards
+    return grad, 1
+
+
+@torch.no_grad()
+def global_grad_norm(parameters: Iterable[Tensor], ranks_per_stage: int) -> Tensor:
+    """L2 norm of all gradients of the whole model (all stages, all shards)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = _local_and_shards(grads[0])[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for grad in grads:
+        local, shards = _local_and_shards(grad)
+        # each shard is held by ranks_per_stage / shards ranks of this stage
+        total += local.float().pow(2).sum() * (shards / ranks_per_stage)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, ranks_per_stage: int) -> Tensor:
+    """Scale gradients in place so the global norm is at most ``max_norm``; return the norm."""
+    parameters = list(parameters)
+    norm = global_grad_norm(parameters, ranks_per_stage)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for param in parameters:
+        if param.grad is not None:
+            _local_and_shards(param.grad)[0].mul_(scale)
+    return norm

@@ -1,0 +1,65 @@
+"""Turn a parallelized meta-device model into real weights, identical for every layout.
+
+Each parameter's FULL tensor is drawn from a generator seeded by (seed, parameter name)
+and then cut to this rank's shard. The same seed thus gives the same full model on one
+process or on any mesh, which is what makes loss-parity tests between layouts possible.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+InitFn = Callable[[str, Tensor, torch.Generator], None]
+
+# wrapper prefixes added by activation checkpointing and torch.compile
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """Parameter name as in the unwrapped model."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def has_meta_parameters(module: nn.Module) -> bool:
+    meta = [p.is_meta for p in module.parameters()]
+    if any(meta) and not all(meta):
+        raise ValueError(
+            f"{sum(meta)} of {len(meta)} parameters are on the meta device: create all of them in "
+            "configure_model() (the strategy runs it on the meta device) or none"
+        )
+    return any(meta)
+
+
+@torch.no_grad()
+def materialize(module: nn.Module, root: str, device: torch.device, init_fn: InitFn, seed: int) -> None:
+    """Allocate every parameter of ``module.<root>`` on ``device`` and fill it from ``init_fn``.
+
+    Only the plan's root is emptied: FSDP2 re-links its shards when ``to_empty`` runs on
+    the sharded module, and state outside the model (metrics) is left untouched.
+    """
+    module.get_submodule(root).to_empty(device=device)
+    for name, param in module.named_parameters():
+        if param.is_meta:
+            raise ValueError(f"parameter {name!r} lives outside the plan's root module {root!r}: it cannot be materialized")
+        name = canonical_name(name)
+        generator = torch.Generator(device=device).manual_seed(_name_seed(seed, name))
+        full = torch.empty(param.shape, dtype=torch.float32, device=device)
+        init_fn(name, full, generator)
+        full = full.to(param.dtype)
+        if isinstance(param, DTensor):
+            # every rank holds the same full tensor, so each can cut its shard locally
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)
