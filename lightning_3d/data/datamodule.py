@@ -1,0 +1,128 @@
+"""Lightning data module: token splits, window datasets and global-order data loaders."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning
+import numpy as np
+from torch.utils.data import DataLoader
+
+from lightning_3d.config import DataConfig
+from lightning_3d.data.dataset import TokenWindowDataset
+from lightning_3d.data.sampler import GlobalOrderSampler
+from lightning_3d.data.sources import load_token_splits
+
+
+class TextDataModule(lightning.LightningDataModule):
+    """Serves ``config.global_batch_size`` sequences per optimizer step, shared among DP ranks.
+
+    One data-loader batch is one micro-batch: ``global_batch_size // accumulate_grad_batches``
+    sequences across all data-parallel ranks, ``per_rank_batch_size`` of them on this rank.
+    The data-parallel size and rank come from the trainer's strategy
+    (``distributed_sampler_kwargs``), so tensor/context/pipeline-parallel ranks of one
+    data-parallel group get the same batch.
+    """
+
+    def __init__(self, config: DataConfig, vocab_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self._splits: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self.train_dataset: Optional[TokenWindowDataset] = None
+        self.val_dataset: Optional[TokenWindowDataset] = None
+
+    # ------------------------------------------------------------------ parallel layout
+
+    def _sampler_kwargs(self) -> dict[str, Any]:
+        # Only parallel strategies define distributed_sampler_kwargs; single-device ones have none.
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        return getattr(strategy, "distributed_sampler_kwargs", None) or {}
+
+    @property
+    def dp_size(self) -> int:
+        """Number of data-parallel ranks (1 without a trainer)."""
+        return int(self._sampler_kwargs().get("num_replicas", 1))
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel rank (0 without a trainer)."""
+        return int(self._sampler_kwargs().get("rank", 0))
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return int(self.trainer.accumulate_grad_batches) if self.trainer is not None else 1
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences in one data-loader batch summed over all data-parallel ranks."""
+        self._check_batch_layout()
+        return self.config.global_batch_size // self.accumulate_grad_batches
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        """Sequences in one data-loader batch on this rank."""
+        return self.micro_batch_size // self.dp_size
+
+    def _check_batch_layout(self) -> None:
+        global_batch = self.config.global_batch_size
+        divisor = self.dp_size * self.accumulate_grad_batches
+        if global_batch <= 0:
+            raise ValueError(f"data.global_batch_size={global_batch} must be > 0")
+        if global_batch % divisor:
+            below = (global_batch // divisor) * divisor
+            nearest = [size for size in (below, below + divisor) if size > 0]
+            raise ValueError(
+                f"data.global_batch_size={global_batch} is not divisible by data-parallel size {self.dp_size} "
+                f"x accumulate_grad_batches {self.accumulate_grad_batches} = {divisor}; "
+                f"nearest valid global batch sizes: {', '.join(map(str, nearest))}"
+            )
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self._check_batch_layout()
+        if self._splits is None:
+            self._splits = load_token_splits(self.config, self.vocab_size)
+        train_tokens, val_tokens = self._splits
+        self.train_dataset = TokenWindowDataset(train_tokens, self.config.seq_len, name="train")
+        self.val_dataset = TokenWindowDataset(val_tokens, self.config.seq_len, name="validation")
+
+    def train_dataloader(self) -> DataLoader:
+        train_dataset, _ = self._datasets()
+        return self._loader(train_dataset, shuffle=self.config.shuffle, max_batches=None)
+
+    def val_dataloader(self) -> DataLoader:
+        _, val_dataset = self._datasets()
+        return self._loader(val_dataset, shuffle=False, max_batches=self.config.val_batches)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _datasets(self) -> tuple[TokenWindowDataset, TokenWindowDataset]:
+        # A loader asked for before setup() (outside a Trainer) sets up on demand.
+        if self.train_dataset is None or self.val_dataset is None:
+            self.setup()
+        return self.train_dataset, self.val_dataset  # type: ignore[return-value]
+
+    def _loader(self, dataset: TokenWindowDataset, shuffle: bool, max_batches: Optional[int]) -> DataLoader:
+        sampler = GlobalOrderSampler(
+            dataset_len=len(dataset),
+            global_batch=self.micro_batch_size,
+            num_replicas=self.dp_size,
+            rank=self.dp_rank,
+            shuffle=shuffle,
+            seed=self.seed,
+            max_batches=max_batches,
+            name=dataset.name,
+            seq_len=self.config.seq_len,
+        )
+        workers = self.config.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.per_rank_batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
