@@ -1,0 +1,3 @@
+from lightning_3d.callbacks.summary import RunSummary
+
+__all__ = ["RunSummary"]

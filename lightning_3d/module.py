@@ -1,0 +1,106 @@
+"""CausalLM: the LightningModule that trains the reference decoder."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torchmetrics.aggregation import MeanMetric
+from typing_extensions import override
+
+from lightning_3d.config import ModelConfig, OptimConfig, ParallelConfig
+from lightning_3d.loss import token_weighted_loss
+from lightning_3d.models.llama import Transformer
+from lightning_3d.plans import ParallelPlan, llama_plan
+
+# The logged losses are already global (identical on every rank); syncing them is not needed.
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CausalLM(L.LightningModule):
+    """Next-token prediction with the reference Llama decoder.
+
+    Batches are dicts with ``input_ids`` and ``labels`` (``-100`` = ignored), optionally
+    ``positions``. The logged ``train_loss`` / ``val_loss`` are token-weighted means over
+    the global batch, identical on every rank.
+    """
+
+    def __init__(self, model: ModelConfig, optim: Optional[OptimConfig] = None) -> None:
+        super().__init__()
+        model.validate()
+        self.model_config = model
+        self.optim_config = optim or OptimConfig()
+        self.save_hyperparameters({"model": asdict(model), "optim": asdict(self.optim_config)})
+        self.model: Optional[Transformer] = None
+        self.val_loss = MeanMetric()
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = Transformer(self.model_config)
+
+    def parallel_plan(self, parallel: ParallelConfig) -> ParallelPlan:
+        return llama_plan(self.model_config, parallel, prefix="model")
+
+    def init_parameter(self, name: str, full: Tensor, generator: torch.Generator) -> None:
+        self.model.init_parameter(name.removeprefix("model."), full, generator)
+
+    def _loss_mesh(self) -> Optional[DeviceMesh]:
+        # the loss is reduced over dp × cp; other strategies have no such view: local loss
+        return getattr(self.trainer.strategy, "meshes", {}).get("loss")
+
+    def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self.model(batch["input_ids"], batch.get("positions"))
+        return token_weighted_loss(logits, batch["labels"], self._loss_mesh())
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, global_loss, tokens = self._losses(batch)
+        self.log("train_loss", global_loss, prog_bar=True, sync_dist=False)
+        self.log("train_tokens", tokens, reduce_fx="sum", sync_dist=False)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, global_loss, tokens = self._losses(batch)
+        # every rank holds the same global value, so the metric's own sync changes nothing
+        self.val_loss.update(global_loss, weight=tokens)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)
+        self.log("val_ppl", val_loss.exp(), sync_dist=False)
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_config
+        # no weight decay on norm gains (1-D parameters)
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+        )
+        decay_steps = cfg.decay_steps or max(1, self.trainer.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,305 @@
+"""ModelParallel4DStrategy: a Lightning strategy for data × tensor (× pipeline × context) parallel."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import fields, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.distributed.tensor.parallel import loss_parallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_3d.config import ParallelConfig
+from lightning_3d.dims import ParallelDims
+from lightning_3d.parallel import parallelize
+from lightning_3d.parallel.grad_clip import clip_grad_norm_
+from lightning_3d.plans.base import ParallelPlan
+from lightning_3d.validation import check_layout
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+_PARALLEL_FIELDS = tuple(f.name for f in fields(ParallelConfig))
+
+
+class ModelParallel4DStrategy(ParallelStrategy):
+    """Train with FSDP2/HSDP/DDP data parallel and tensor + sequence parallel from one DeviceMesh.
+
+    Args:
+        parallel: a full :class:`ParallelConfig`; or give its fields as keywords
+            (``ModelParallel4DStrategy(dp_shard=2, tp=2)``), which override it.
+        init_seed: seed of the initial weights, drawn per parameter name so that every
+            layout starts from the same full model.
+        process_group_backend: ``gloo`` / ``nccl``; default from the device.
+
+    The LightningModule creates its model in ``configure_model()`` (run on the meta
+    device), returns a :class:`ParallelPlan` from ``parallel_plan(parallel_config)`` and
+    fills full parameter tensors in ``init_parameter(name, tensor, generator)``; see the
+    README's "Bring your own model".
+    """
+
+    strategy_name = "4d"
+
+    def __init__(
+        self,
+        parallel: Optional[ParallelConfig] = None,
+        *,
+        init_seed: int = 0,
+        process_group_backend: Optional[str] = None,
+        **parallel_options: Any,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(parallel_options) - set(_PARALLEL_FIELDS))
+        if unknown:
+            raise TypeError(f"unknown parallel option(s) {unknown}; valid: {list(_PARALLEL_FIELDS)}")
+        self.parallel = replace(parallel or ParallelConfig(), **parallel_options)
+        self.init_seed = init_seed
+        self._process_group_backend = process_group_backend
+        self._dims: Optional[ParallelDims] = None
+        self._device_mesh: Optional[DeviceMesh] = None
+        self._meshes: dict[str, DeviceMesh] = {}
+        self.num_nodes = 1
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def dims(self) -> ParallelDims:
+        if self._dims is None:
+            raise RuntimeError("the parallel layout is resolved in setup_environment(); it is not known yet")
+        return self._dims
+
+    @property
+    def device_mesh(self) -> "DeviceMesh":
+        if self._device_mesh is None:
+            raise RuntimeError("the device mesh is built in setup_environment(); it does not exist yet")
+        return self._device_mesh
+
+    @property
+    def meshes(self) -> dict[str, "DeviceMesh"]:
+        """Views of the mesh by name: pp, dp_replicate, dp_shard, cp, tp, dp, fsdp, loss, hsdp."""
+        if not self._meshes:
+            raise RuntimeError("the device mesh is built in setup_environment(); it does not exist yet")
+        return self._meshes
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        dp_mesh = self.meshes["dp"]
+        return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ precision
+    @property
+    @override
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else Precision()
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, plugin: Optional[Precision]) -> None:
+        # Lightning clips through its precision plugin, whose clip_grad_norm_ cannot combine
+        # DTensor gradients on different meshes: route norm clipping to the global version.
+        if plugin is not None:
+            plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
+        self._precision_plugin = plugin
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        self.last_grad_norm = clip_grad_norm_(self.precision_plugin.main_params(optimizer), float(clip_val), self._ranks_per_stage)
+
+    @property
+    def _ranks_per_stage(self) -> int:
+        return self.dims.world_size // self.dims.pp
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._set_world_ranks()
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        # Validate before any process group exists, so a bad layout never hangs.
+        self._dims = check_layout(
+            self.parallel,
+            self.world_size,
+            model=getattr(module, "model_config", None),
+            accumulate_grad_batches=trainer.accumulate_grad_batches if trainer is not None else 1,
+        )
+        reset_seed()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        _init_dist_connection(
+            self.cluster_environment,
+            backend,
+            timeout=timedelta(seconds=self.parallel.timeout_s),
+            device_id=self.root_device if self.root_device.type != "cpu" else None,
+        )
+        self._device_mesh, self._meshes = self._dims.build_mesh(self.root_device.type)
+        if module is not None:
+            module._device_mesh = self._device_mesh
+
+    def _set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # configure_model() always runs on the meta device: weights are materialized
+        # shard by shard after parallelization, so no rank ever holds the full model.
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        plan = self._resolve_plan(module)
+        self.model = self.precision_plugin.convert_module(self.model)
+        parallelize(
+            module,
+            plan,
+            self.meshes,
+            self.dims,
+            self.parallel,
+            precision=str(self.precision_plugin.precision),
+            device=self.root_device,
+            init_fn=getattr(module, "init_parameter", None),
+            seed=self.init_seed,
+        )
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _resolve_plan(self, module: "pl.LightningModule") -> ParallelPlan:
+        make_plan = getattr(module, "parallel_plan", None)
+        if make_plan is None:
+            if self.dims.tp > 1:
+                raise ValueError(
+                    f"parallel.tp={self.dims.tp} needs a tensor-parallel plan, but {type(module).__name__} "
+                    "defines no `parallel_plan(parallel_config)` method; add one or use tp=1"
+                )
+            raise ValueError(
+                f"{type(module).__name__} defines no `parallel_plan(parallel_config)` method: the strategy needs "
+                "at least the block container and the root module to shard (see ParallelPlan)"
+            )
+        plan = make_plan(self.parallel)
+        if not isinstance(plan, ParallelPlan):
+            raise TypeError(f"{type(module).__name__}.parallel_plan() returned {type(plan).__name__}, not a ParallelPlan")
+        return plan
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # ------------------------------------------------------------------ steps
+    def _loss_parallel_context(self) -> AbstractContextManager:
+        return loss_parallel() if self.parallel.loss_parallel and self.dims.tp > 1 else nullcontext()
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._loss_parallel_context():
+            return super().training_step(*args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._loss_parallel_context():
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        with self._loss_parallel_context():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    # ------------------------------------------------------------------ collectives
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src)
+        return holder[0]
+
+    @override
+    def reduce(
+        self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
+    ) -> Union[Tensor, Any]:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    def teardown(self) -> None:
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: "StrategyRegistry") -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="4D parallel: FSDP2/HSDP/DDP × TP/SP")
+
+
+ModelParallel4DStrategy.register_strategies(StrategyRegistry)
