@@ -1,0 +1,132 @@
+"""Hydra entry point: ``python -m lightning_3d.train recipe=tiny parallel.tp=2 trainer.devices=4``.
+
+``conf/config.yaml`` composes one option of each group (model, data, parallel, trainer,
+optim) and then a recipe from ``recipes/`` (``# @package _global_`` files that override
+any of them). The composed config is checked against the :class:`Config` dataclasses, so
+a misspelt key fails with its name.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.config_store import ConfigStore
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_3d.callbacks.summary import RunSummary
+from lightning_3d.config import Config
+from lightning_3d.data import TextDataModule
+from lightning_3d.module import CausalLM
+from lightning_3d.strategy import ModelParallel4DStrategy
+from lightning_3d.validation import check_layout
+
+
+def _find_dir(name: str) -> Path:
+    """``conf``/``recipes`` inside an installed wheel, else at the top of the checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / f"_{name}", package.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"cannot find the {name}/ directory next to {package}")
+
+
+CONF_DIR = _find_dir("conf")
+RECIPES_DIR = _find_dir("recipes")
+
+
+def register_configs() -> None:
+    """Store the schema and every recipe in Hydra's ConfigStore.
+
+    Recipes live in the top-level ``recipes/`` folder but are selected as the ``recipe``
+    group, so they are registered here rather than found through a search path.
+    """
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        if not path.read_text().startswith("# @package _global_"):
+            raise ValueError(f"recipe {path} must start with '# @package _global_'")
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Composed Hydra config → typed :class:`Config` (unknown keys and bad types raise)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def world_size_of(config: Config) -> int:
+    devices = config.trainer.devices
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"trainer.devices={devices!r} must be a positive number of processes per node")
+    return devices * config.trainer.num_nodes
+
+
+def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L.Trainer, CausalLM, TextDataModule]:
+    """Everything a run needs, checked up front; shared by the CLI and the tests."""
+    check_layout(
+        config.parallel, world_size_of(config), config.model, config.data, config.trainer.accumulate_grad_batches
+    )
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    tcfg = config.trainer
+    if tcfg.accelerator == "cpu":
+        # several processes share the cores: one thread pool each avoids oversubscription
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tcfg.devices))
+    run_dir = Path(config.run_dir)
+    val_every = (tcfg.val_check_interval or tcfg.max_steps) * tcfg.accumulate_grad_batches
+    trainer = L.Trainer(
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        num_nodes=tcfg.num_nodes,
+        strategy=ModelParallel4DStrategy(config.parallel, init_seed=config.seed),
+        precision=tcfg.precision,
+        max_steps=tcfg.max_steps,
+        log_every_n_steps=tcfg.log_every_n_steps,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=tcfg.num_sanity_val_steps,
+        gradient_clip_val=tcfg.gradient_clip_val,
+        accumulate_grad_batches=tcfg.accumulate_grad_batches,
+        deterministic=tcfg.deterministic,
+        enable_progress_bar=tcfg.enable_progress_bar,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,  # the datamodule's sampler already follows the global order
+        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
+        callbacks=[RunSummary(config.data.global_batch_size * config.data.seq_len, run_dir), *(callbacks or [])],
+        default_root_dir=str(run_dir),
+    )
+    model = CausalLM(config.model, config.optim)
+    datamodule = TextDataModule(config.data, vocab_size=config.model.vocab_size, seed=config.seed)
+    return trainer, model, datamodule
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        trainer, model, datamodule = build(to_config(cfg))
+    except ValueError as error:
+        # a configuration problem: the message is the last thing on screen, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    trainer.fit(model, datamodule=datamodule)
+
+
+def cli(argv: Optional[list[str]] = None) -> Any:
+    """Console script ``lightning-3d-train``."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    return main()
+
+
+if __name__ == "__main__":
+    main()
