@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lightning_3d.parallel.tied import retie, tied_parameter_names
+
 InitFn = Callable[[str, Tensor, torch.Generator], None]
 
 # wrapper prefixes added by activation checkpointing and torch.compile
@@ -48,7 +50,9 @@ def materialize(module: nn.Module, root: str, device: torch.device, init_fn: Ini
     Only the plan's root is emptied: FSDP2 re-links its shards when ``to_empty`` runs on
     the sharded module, and state outside the model (metrics) is left untouched.
     """
+    tied = tied_parameter_names(module)
     module.get_submodule(root).to_empty(device=device)
+    retie(module, tied)
     for name, param in module.named_parameters():
         if param.is_meta:
             raise ValueError(f"parameter {name!r} lives outside the plan's root module {root!r}: it cannot be materialized")
