@@ -164,6 +164,17 @@ class ModelParallel4DStrategy(ParallelStrategy):
         module = self.lightning_module
         trainer = module.trainer if module is not None else None
         # Validate before any process group exists, so a bad layout never hangs.
+        if trainer is not None and trainer.checkpoint_callbacks:
+            # sharded save/resume is not implemented yet: refuse now rather than at the first save
+            raise ValueError(
+                f"{type(self).__name__} cannot save checkpoints yet; pass Trainer(enable_checkpointing=False) "
+                f"and no ModelCheckpoint callback (found {len(trainer.checkpoint_callbacks)})"
+            )
+        if self.parallel.tp > 1 and module is not None and not hasattr(module, "parallel_plan"):
+            raise ValueError(
+                f"parallel.tp={self.parallel.tp} needs a tensor-parallel plan, but {type(module).__name__} "
+                "defines no `parallel_plan(parallel_config)` method; add one or use tp=1"
+            )
         self._dims = check_layout(
             self.parallel,
             self.world_size,
@@ -225,11 +236,6 @@ class ModelParallel4DStrategy(ParallelStrategy):
     def _resolve_plan(self, module: "pl.LightningModule") -> ParallelPlan:
         make_plan = getattr(module, "parallel_plan", None)
         if make_plan is None:
-            if self.dims.tp > 1:
-                raise ValueError(
-                    f"parallel.tp={self.dims.tp} needs a tensor-parallel plan, but {type(module).__name__} "
-                    "defines no `parallel_plan(parallel_config)` method; add one or use tp=1"
-                )
             raise ValueError(
                 f"{type(module).__name__} defines no `parallel_plan(parallel_config)` method: the strategy needs "
                 "at least the block container and the root module to shard (see ParallelPlan)"
