@@ -170,10 +170,10 @@ class ModelParallel4DStrategy(ParallelStrategy):
                 f"{type(self).__name__} cannot save checkpoints yet; pass Trainer(enable_checkpointing=False) "
                 f"and no ModelCheckpoint callback (found {len(trainer.checkpoint_callbacks)})"
             )
-        if self.parallel.tp > 1 and module is not None and not hasattr(module, "parallel_plan"):
+        if module is not None and not hasattr(module, "parallel_plan"):
             raise ValueError(
-                f"parallel.tp={self.parallel.tp} needs a tensor-parallel plan, but {type(module).__name__} "
-                "defines no `parallel_plan(parallel_config)` method; add one or use tp=1"
+                f"{type(module).__name__} defines no `parallel_plan(parallel_config)` method: the strategy needs "
+                f"the block container and root module to shard (parallel.tp={self.parallel.tp}); see ParallelPlan"
             )
         self._dims = check_layout(
             self.parallel,
@@ -234,13 +234,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
     def _resolve_plan(self, module: "pl.LightningModule") -> ParallelPlan:
-        make_plan = getattr(module, "parallel_plan", None)
-        if make_plan is None:
-            raise ValueError(
-                f"{type(module).__name__} defines no `parallel_plan(parallel_config)` method: the strategy needs "
-                "at least the block container and the root module to shard (see ParallelPlan)"
-            )
-        plan = make_plan(self.parallel)
+        plan = module.parallel_plan(self.parallel)  # its presence is checked in setup_environment()
         if not isinstance(plan, ParallelPlan):
             raise TypeError(f"{type(module).__name__}.parallel_plan() returned {type(plan).__name__}, not a ParallelPlan")
         return plan

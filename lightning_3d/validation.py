@@ -65,7 +65,9 @@ def check_layout(
             problems.append(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
         elif dims is not None:
             per_step = dims.dp * accumulate_grad_batches
-            if data.global_batch_size <= 0 or data.global_batch_size % per_step:
+            if data.global_batch_size <= 0:
+                problems.append(f"data.global_batch_size={data.global_batch_size} must be > 0 (a multiple of {per_step})")
+            elif data.global_batch_size % per_step:
                 below = (data.global_batch_size // per_step) * per_step
                 nearest = [b for b in (below, below + per_step) if b > 0]
                 problems.append(
