@@ -3,7 +3,9 @@
 usage: torchrun ... tests/parity_worker.py OUT_DIR CASES_JSON
 CASES_JSON: {"case name": [hydra overrides...], ...}. Every case trains through the same
 `build()` as the CLI; rank 0 writes OUT_DIR/<name>.pt with the per-step global train
-losses, the validation loss and the full (unsharded) weights after training.
+losses, the validation loss and the full (unsharded) weights after training. After the
+last case, OUT_DIR/collectives.pt records what the strategy's collectives returned on
+every rank.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
+import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -30,7 +34,7 @@ class StepLosses(Callback):
             self.losses.append(float(trainer.callback_metrics["train_loss"]))
 
 
-def run_case(name: str, overrides: list[str], out_dir: Path) -> None:
+def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:
     local_world = int(os.environ["LOCAL_WORLD_SIZE"])
     nodes = int(os.environ["WORLD_SIZE"]) // local_world
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -50,13 +54,31 @@ def run_case(name: str, overrides: list[str], out_dir: Path) -> None:
         }
         torch.save(result, out_dir / f"{name}.pt")
     trainer.strategy.barrier()
+    return trainer
+
+
+def record_collectives(trainer: L.Trainer, out_dir: Path) -> None:
+    strategy, rank = trainer.strategy, trainer.global_rank
+    record = {
+        "reduce_sum": float(strategy.reduce(torch.tensor(float(rank)), reduce_op="sum")),
+        "reduce_mean": float(strategy.reduce(torch.tensor(float(rank)))),
+        "all_gather": strategy.all_gather(torch.tensor([rank])).flatten().tolist(),
+        "broadcast": strategy.broadcast({"from": rank}, src=0),
+        "sampler": strategy.distributed_sampler_kwargs,
+        "mesh_dims": trainer.lightning_module.device_mesh.mesh_dim_names,
+    }
+    records = [None] * trainer.world_size
+    dist.all_gather_object(records, record)
+    if rank == 0:
+        torch.save(records, out_dir / "collectives.pt")
 
 
 def main() -> None:
     out_dir = Path(sys.argv[1])
     cases = json.loads(sys.argv[2])
     for name, overrides in cases.items():
-        run_case(name, overrides, out_dir)
+        trainer = run_case(name, overrides, out_dir)
+    record_collectives(trainer, out_dir)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def _torchrun(nproc: int, cases: dict[str, list[str]], out_dir: Path, nnodes: in
 def _results(tmp_path_factory: pytest.TempPathFactory, name: str, nproc: int, cases: dict, nnodes: int = 1) -> dict:
     out_dir = tmp_path_factory.mktemp(name)
     _torchrun(nproc, cases, out_dir, nnodes)
-    return {case: torch.load(out_dir / f"{case}.pt", weights_only=True) for case in cases}
+    results = {case: torch.load(out_dir / f"{case}.pt", weights_only=True) for case in cases}
+    results["collectives"] = torch.load(out_dir / "collectives.pt", weights_only=True)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +145,15 @@ def test_two_node_loopback_parity(reference, two_nodes):
 def test_tied_weights_stay_tied(reference, four_ranks):
     for result in (reference["single_tied"], four_ranks["dp_shard2_tp2_tied"]):
         assert torch.equal(result["weights"]["output.weight"], result["weights"]["tok_embeddings.weight"])
+
+
+def test_strategy_collectives_and_mesh(four_ranks):
+    # the last 4-rank case is dp_shard=2 × tp=2: tp is the innermost mesh dim, so ranks
+    # 0,1 load data-parallel slice 0 and ranks 2,3 slice 1
+    records = four_ranks["collectives"]
+    assert [r["reduce_sum"] for r in records] == [6.0] * 4
+    assert [r["reduce_mean"] for r in records] == [1.5] * 4
+    assert [r["all_gather"] for r in records] == [[0, 1, 2, 3]] * 4
+    assert [r["broadcast"] for r in records] == [{"from": 0}] * 4
+    assert [r["sampler"] for r in records] == [{"num_replicas": 2, "rank": dp} for dp in (0, 0, 1, 1)]
+    assert records[0]["mesh_dims"] == ("pp", "dp_replicate", "dp_shard", "cp", "tp")
