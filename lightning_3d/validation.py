@@ -7,14 +7,31 @@ exists). All problems are collected and reported at once.
 from __future__ import annotations
 
 from lightning_3d.config import DataConfig, ModelConfig, ParallelConfig
-from lightning_3d.dims import ParallelDims, _divisors
+from lightning_3d.dims import ParallelDims, divisors
 
 VALID_CP_BACKENDS = ("ring", "allgather", "native")
 
 
 def _valid_tp(values: list[int], world_size: int) -> str:
-    common = [d for d in _divisors(world_size) if all(v % d == 0 for v in values)]
+    common = [d for d in divisors(world_size) if all(v % d == 0 for v in values)]
     return f"valid tp values: {common}"
+
+
+def global_batch_problem(
+    global_batch_size: int, dp_size: int, accumulate_grad_batches: int, dp_detail: str = ""
+) -> str | None:
+    """Why ``global_batch_size`` cannot be split into DP ranks × accumulation steps, or None."""
+    per_step = dp_size * accumulate_grad_batches
+    if global_batch_size <= 0:
+        return f"data.global_batch_size={global_batch_size} must be > 0 (a multiple of {per_step})"
+    if global_batch_size % per_step:
+        below = (global_batch_size // per_step) * per_step
+        nearest = [b for b in (below, below + per_step) if b > 0]
+        return (
+            f"data.global_batch_size={global_batch_size} is not divisible by the data-parallel size {dp_size}{dp_detail} × "
+            f"accumulate_grad_batches={accumulate_grad_batches} = {per_step}; nearest valid: {nearest}"
+        )
+    return None
 
 
 def check_layout(
@@ -64,17 +81,10 @@ def check_layout(
         if accumulate_grad_batches < 1:
             problems.append(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
         elif dims is not None:
-            per_step = dims.dp * accumulate_grad_batches
-            if data.global_batch_size <= 0:
-                problems.append(f"data.global_batch_size={data.global_batch_size} must be > 0 (a multiple of {per_step})")
-            elif data.global_batch_size % per_step:
-                below = (data.global_batch_size // per_step) * per_step
-                nearest = [b for b in (below, below + per_step) if b > 0]
-                problems.append(
-                    f"data.global_batch_size={data.global_batch_size} is not divisible by the data-parallel size "
-                    f"{dims.dp} (dp_replicate={dims.dp_replicate} × dp_shard={dims.dp_shard}) × "
-                    f"accumulate_grad_batches={accumulate_grad_batches} = {per_step}; nearest valid: {nearest}"
-                )
+            detail = f" (dp_replicate={dims.dp_replicate} × dp_shard={dims.dp_shard})"
+            problem = global_batch_problem(data.global_batch_size, dims.dp, accumulate_grad_batches, detail)
+            if problem:
+                problems.append(problem)
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
     assert dims is not None  # no problems means the dims resolved

@@ -343,7 +343,7 @@ def test_datamodule_without_trainer(tmp_path: Path) -> None:
 def test_datamodule_rejects_indivisible_global_batch(tmp_path: Path) -> None:
     module = TextDataModule(small_files_config(tmp_path), vocab_size=512)
     module.trainer = lightning.Trainer(accumulate_grad_batches=3, logger=False, enable_progress_bar=False)
-    with pytest.raises(ValueError, match=r"global_batch_size=8 .* size 1 x accumulate_grad_batches 3 .* 6, 9"):
+    with pytest.raises(ValueError, match=r"global_batch_size=8 .* size 1 × accumulate_grad_batches=3 = 3; nearest valid: \[6, 9\]"):
         module.setup("fit")
 
 

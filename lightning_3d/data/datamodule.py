@@ -12,6 +12,7 @@ from lightning_3d.config import DataConfig
 from lightning_3d.data.dataset import TokenWindowDataset
 from lightning_3d.data.sampler import GlobalOrderSampler
 from lightning_3d.data.sources import load_token_splits
+from lightning_3d.validation import global_batch_problem
 
 
 class TextDataModule(lightning.LightningDataModule):
@@ -66,18 +67,9 @@ class TextDataModule(lightning.LightningDataModule):
         return self.micro_batch_size // self.dp_size
 
     def _check_batch_layout(self) -> None:
-        global_batch = self.config.global_batch_size
-        divisor = self.dp_size * self.accumulate_grad_batches
-        if global_batch <= 0:
-            raise ValueError(f"data.global_batch_size={global_batch} must be > 0")
-        if global_batch % divisor:
-            below = (global_batch // divisor) * divisor
-            nearest = [size for size in (below, below + divisor) if size > 0]
-            raise ValueError(
-                f"data.global_batch_size={global_batch} is not divisible by data-parallel size {self.dp_size} "
-                f"x accumulate_grad_batches {self.accumulate_grad_batches} = {divisor}; "
-                f"nearest valid global batch sizes: {', '.join(map(str, nearest))}"
-            )
+        problem = global_batch_problem(self.config.global_batch_size, self.dp_size, self.accumulate_grad_batches)
+        if problem:
+            raise ValueError(problem)
 
     # ------------------------------------------------------------------ Lightning hooks
 
