@@ -19,7 +19,7 @@ from lightning_3d.config import ParallelConfig
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -52,7 +52,7 @@ class ParallelDims:
                 raise ValueError(
                     f"pp={degrees['pp']} × dp_replicate={degrees['dp_replicate']} × cp={degrees['cp']} × "
                     f"tp={degrees['tp']} = {others} does not divide the world size {world_size}, so dp_shard=-1 "
-                    f"cannot take the leftover ranks; degrees that divide {world_size}: {_divisors(world_size)}"
+                    f"cannot take the leftover ranks; degrees that divide {world_size}: {divisors(world_size)}"
                 )
             degrees["dp_shard"] = world_size // others
         product = others * degrees["dp_shard"]

@@ -144,7 +144,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._precision_plugin = plugin
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        self.last_grad_norm = clip_grad_norm_(self.precision_plugin.main_params(optimizer), float(clip_val), self._ranks_per_stage)
+        clip_grad_norm_(self.precision_plugin.main_params(optimizer), float(clip_val), self._ranks_per_stage)
 
     @property
     def _ranks_per_stage(self) -> int:
