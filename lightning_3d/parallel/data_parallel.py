@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lightning_3d.dims import ParallelDims
-from lightning_3d.parallel.tensor_parallel import blocks_of
+from lightning_3d.parallel.tensor_parallel import blocks_of, present_module
 from lightning_3d.plans.base import ParallelPlan
 
 # Lightning precision flag → FSDP2 policy. Gradients are always reduced in fp32.
@@ -31,18 +31,19 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
 
 
 def apply_data_parallel(
-    root: nn.Module,
+    model: nn.Module,
     plan: ParallelPlan,
     meshes: dict[str, DeviceMesh],
     dims: ParallelDims,
     mp_policy: MixedPrecisionPolicy,
     reshard_after_forward: bool,
 ) -> None:
+    """Wrap ``model`` (the plan root, or one pipeline stage of it) unit by unit."""
     if not dims.data_parallel_enabled:
         return
-    blocks = [block for _, block in blocks_of(root, plan)]
-    extra_units = [[root.get_submodule(name) for name in unit] for unit in plan.fsdp_units]
-    model = root.get_submodule(plan.root)
+    blocks = blocks_of(model, plan)
+    extra_units = [[m for name in unit if (m := present_module(model, name)) is not None] for unit in plan.fsdp_units]
+    extra_units = [unit for unit in extra_units if unit]
     if dims.fsdp == 1:
         for unit in blocks + extra_units + [model]:
             replicate(unit, mesh=meshes["dp_replicate"], mp_policy=mp_policy)

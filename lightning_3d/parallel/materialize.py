@@ -44,19 +44,18 @@ def has_meta_parameters(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, root: str, device: torch.device, init_fn: InitFn, seed: int) -> None:
-    """Allocate every parameter of ``module.<root>`` on ``device`` and fill it from ``init_fn``.
+def materialize(model: nn.Module, prefix: str, device: torch.device, init_fn: InitFn, seed: int) -> None:
+    """Allocate every parameter of ``model`` on ``device`` and fill it from ``init_fn``.
 
-    Only the plan's root is emptied: FSDP2 re-links its shards when ``to_empty`` runs on
-    the sharded module, and state outside the model (metrics) is left untouched.
+    ``model`` is the plan root or one pipeline stage of it; ``prefix`` (the root's name in
+    the LightningModule) makes the names ``init_fn`` sees the same for every layout.
+    FSDP2 re-links its shards when ``to_empty`` runs on the sharded module.
     """
-    tied = tied_parameter_names(module)
-    module.get_submodule(root).to_empty(device=device)
-    retie(module, tied)
-    for name, param in module.named_parameters():
-        if param.is_meta:
-            raise ValueError(f"parameter {name!r} lives outside the plan's root module {root!r}: it cannot be materialized")
-        name = canonical_name(name)
+    tied = tied_parameter_names(model)
+    model.to_empty(device=device)
+    retie(model, tied)
+    for name, param in model.named_parameters():
+        name = f"{prefix}.{canonical_name(name)}"
         generator = torch.Generator(device=device).manual_seed(_name_seed(seed, name))
         full = torch.empty(param.shape, dtype=torch.float32, device=device)
         init_fn(name, full, generator)

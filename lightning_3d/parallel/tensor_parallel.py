@@ -10,17 +10,27 @@ from lightning_3d.parallel.tied import retie, tied_parameter_names
 from lightning_3d.plans.base import ParallelPlan
 
 
-def blocks_of(root: nn.Module, plan: ParallelPlan) -> list[tuple[str, nn.Module]]:
-    """(full name, module) of each transformer block, in order."""
-    container = root.get_submodule(plan.blocks)
-    return [(f"{plan.blocks}.{name}", block) for name, block in container.named_children()]
+def blocks_of(model: nn.Module, plan: ParallelPlan) -> list[nn.Module]:
+    """The transformer blocks this model (or pipeline stage) holds, in order."""
+    return list(model.get_submodule(plan.blocks).children())
 
 
-def apply_tensor_parallel(root: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh) -> None:
+def present_module(model: nn.Module, name: str) -> nn.Module | None:
+    """``model.<name>``, or None where a pipeline stage has dropped it."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return None
+    return getattr(owner, attr, None)
+
+
+def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh) -> None:
     """Shard each block with ``plan.block_tp``, then the rest with ``plan.top_tp``."""
-    tied = tied_parameter_names(root)
-    for _, block in blocks_of(root, plan):
+    tied = tied_parameter_names(model)
+    for block in blocks_of(model, plan):
         parallelize_module(block, tp_mesh, plan.block_tp)
-    if plan.top_tp:
-        parallelize_module(root, tp_mesh, plan.top_tp)
-    retie(root, tied)
+    top_tp = {name: style for name, style in plan.top_tp.items() if present_module(model, name) is not None}
+    if top_tp:
+        parallelize_module(model, tp_mesh, top_tp)
+    retie(model, tied)

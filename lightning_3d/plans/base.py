@@ -9,20 +9,21 @@ from torch.distributed.tensor.parallel import ParallelStyle
 class ParallelPlan:
     """What the strategy needs to know about a model to parallelize it.
 
-    All module names are relative to the LightningModule.
-
     Attributes:
-        root: the module the LightningModule calls in its steps (``self.model`` → ``"model"``).
-            FSDP's root unit; its forward starts the parameter all-gathers.
-        blocks: the container (``nn.ModuleDict`` or ``nn.ModuleList``) of repeated
+        root: the attribute of the LightningModule that holds the model its steps call
+            (``self.model`` → ``"model"``). Every other name below is relative to it, so the
+            plan applies unchanged to each pipeline stage cut from the model.
+        blocks: the ``nn.ModuleDict`` (keys kept when stages drop blocks) of repeated
             transformer blocks; each block becomes one FSDP unit and gets ``block_tp``.
         block_tp: tensor-parallel style of each module inside a block, by name relative
             to the block (e.g. ``{"attention.wq": ColwiseParallel()}``).
-        top_tp: tensor-parallel style of modules outside the blocks (embedding, final
-            norm, output head), by name relative to the LightningModule.
-        fsdp_units: extra FSDP units besides the blocks, sharded after them and before
-            the root (e.g. ``[["model.norm", "model.output"]]``); modules listed in one
-            inner list are sharded together.
+        top_tp: tensor-parallel styles of modules outside the blocks (embedding, final
+            norm, output head).
+        fsdp_units: extra FSDP units besides the blocks, sharded after them and before the
+            root; the modules of one inner list are sharded together.
+        first_stage: modules that only the first pipeline stage keeps (embedding).
+        last_stage: modules that only the last pipeline stage keeps (final norm, head).
+            Other stages set them to ``None``; the model's forward must tolerate that.
         attention: the attention module inside a block (for context parallel).
     """
 
@@ -31,4 +32,6 @@ class ParallelPlan:
     block_tp: dict[str, ParallelStyle] = field(default_factory=dict)
     top_tp: dict[str, ParallelStyle] = field(default_factory=dict)
     fsdp_units: list[list[str]] = field(default_factory=list)
+    first_stage: list[str] = field(default_factory=list)
+    last_stage: list[str] = field(default_factory=list)
     attention: str = "attention"

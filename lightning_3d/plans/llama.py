@@ -14,7 +14,7 @@ from lightning_3d.config import ModelConfig, ParallelConfig
 from lightning_3d.plans.base import ParallelPlan
 
 
-def llama_plan(model_config: ModelConfig, parallel: ParallelConfig, prefix: str = "model") -> ParallelPlan:
+def llama_plan(model_config: ModelConfig, parallel: ParallelConfig, root: str = "model") -> ParallelPlan:
     """Megatron-style TP: q/k/v, w1/w3 column-wise, wo/w2 row-wise.
 
     With sequence parallel the residual stream between the blocks' matmuls is sharded on
@@ -37,18 +37,24 @@ def llama_plan(model_config: ModelConfig, parallel: ParallelConfig, prefix: str 
         "feed_forward.w2": RowwiseParallel(output_layouts=residual),
     }
     top_tp = {
-        f"{prefix}.tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
-        f"{prefix}.output": ColwiseParallel(
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
+        "output": ColwiseParallel(
             input_layouts=residual, output_layouts=logits, use_local_output=not parallel.loss_parallel
         ),
     }
     if sp:
         block_tp["attention_norm"] = SequenceParallel()
         block_tp["ffn_norm"] = SequenceParallel()
-        top_tp[f"{prefix}.norm"] = SequenceParallel()
+        top_tp["norm"] = SequenceParallel()
     # A tied embedding/output weight is one parameter: it must live in a single FSDP unit,
     # so it stays with the root instead of getting units of its own.
-    fsdp_units = [] if model_config.tie_embeddings else [[f"{prefix}.tok_embeddings"], [f"{prefix}.norm", f"{prefix}.output"]]
+    fsdp_units = [] if model_config.tie_embeddings else [["tok_embeddings"], ["norm", "output"]]
     return ParallelPlan(
-        root=prefix, blocks=f"{prefix}.layers", block_tp=block_tp, top_tp=top_tp, fsdp_units=fsdp_units
+        root=root,
+        blocks="layers",
+        block_tp=block_tp,
+        top_tp=top_tp,
+        fsdp_units=fsdp_units,
+        first_stage=["tok_embeddings"],
+        last_stage=["norm", "output"],
     )
