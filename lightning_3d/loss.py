@@ -12,6 +12,13 @@ from torch.distributed.tensor import DTensor
 IGNORE_INDEX = -100
 
 
+def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross entropy of the non-ignored tokens (a local tensor)."""
+    summed = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    # under loss parallel the vocab-sharded logits give a sum replicated over tp
+    return summed.to_local() if isinstance(summed, DTensor) else summed
+
+
 def token_weighted_loss(logits: Tensor, labels: Tensor, loss_mesh: DeviceMesh | None) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(loss_to_backward, global_mean_loss, global_token_count)``.
 
@@ -21,9 +28,7 @@ def token_weighted_loss(logits: Tensor, labels: Tensor, loss_mesh: DeviceMesh | 
     reduction averages over the same ranks: the averaged gradient is then exactly the
     gradient of the global mean.
     """
-    summed = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    if isinstance(summed, DTensor):  # loss parallel: the sum is replicated over tp
-        summed = summed.to_local()
+    summed = cross_entropy_sum(logits, labels)
     # float64: token counts of large global batches stay exact
     counts = torch.stack([(labels != IGNORE_INDEX).sum().double(), summed.detach().double()])
     mesh_size = 1

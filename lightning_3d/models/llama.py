@@ -58,8 +58,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
         batch, seq, _ = x.shape
+        if positions is None:
+            # here, after sequence parallel's all-gather, seq is the whole sequence
+            positions = torch.arange(seq, device=x.device)[None]
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
@@ -93,7 +96,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), positions)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -111,9 +114,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
-        """tokens (batch, seq) ids, or hidden states when this stage has no embedding."""
-        if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        """tokens (batch, seq) ids, or hidden states when this stage has no embedding.
+
+        ``positions`` (batch or 1, seq) default to 0..seq-1.
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for block in self.layers.values():
             h = block(h, positions)
@@ -122,22 +126,27 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h
 
     def init_parameter(self, name: str, full: Tensor, generator: torch.Generator) -> None:
-        """Fill the full (unsharded) tensor of parameter ``name`` in place.
-
-        Output projections of residual branches get a depth-scaled std (GPT-2 style).
-        """
-        std = self.config.init_std
-        if name.endswith("norm.weight"):
-            full.fill_(1.0)
-        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-            full.normal_(0.0, std / math.sqrt(2 * self.config.n_layers), generator=generator)
-        elif name == "output.weight" and not self.config.tie_embeddings:
-            full.normal_(0.0, self.config.dim**-0.5, generator=generator)
-        else:
-            full.normal_(0.0, std, generator=generator)
+        init_parameter(self.config, name, full, generator)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
         if exclude_embedding and self.tok_embeddings is not None:
             total -= self.tok_embeddings.weight.numel()
         return total
+
+
+def init_parameter(config: ModelConfig, name: str, full: Tensor, generator: torch.Generator) -> None:
+    """Fill the full (unsharded) tensor of parameter ``name`` in place.
+
+    A function of the config and the name only, so any pipeline stage cut from the model
+    can use it. Output projections of residual branches get a depth-scaled std (GPT-2 style).
+    """
+    std = config.init_std
+    if name.endswith("norm.weight"):
+        full.fill_(1.0)
+    elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        full.normal_(0.0, std / math.sqrt(2 * config.n_layers), generator=generator)
+    elif name == "output.weight" and not config.tie_embeddings:
+        full.normal_(0.0, config.dim**-0.5, generator=generator)
+    else:
+        full.normal_(0.0, std, generator=generator)
