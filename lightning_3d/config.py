@@ -80,10 +80,13 @@ class ParallelConfig:
     loss_parallel: bool = False
     # data parallel
     reshard_after_forward: Optional[bool] = None  # None: True, except under pipeline parallel
-    # pipeline parallel (filled in by the pipeline issue; validated already)
-    pp_schedule: str = "1f1b"
-    microbatches: Optional[int] = None
-    stages_per_rank: int = 1
+    # pipeline parallel
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zero_bubble | zbv | dualpipev
+    microbatches: Optional[int] = None  # per optimizer (micro-)step on each rank; None: one per stage
+    stages_per_rank: int = 1  # virtual stages per rank (2 for zbv / dualpipev, > 1 for interleaved / looped)
+    pp_layers: Optional[list[list[int]]] = None  # explicit blocks of each stage; None: balanced split
+    pp_embedding_weight: float = 1.0  # the embedding counts as this many blocks on the first stage
+    pp_head_weight: float = 1.0  # the final norm + head count as this many blocks on the last stage
     # context parallel
     cp_backend: str = "ring"
     # collective timeout

@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from lightning_3d.config import DataConfig, ModelConfig, ParallelConfig
 from lightning_3d.dims import ParallelDims, divisors
+from lightning_3d.parallel.pipeline_parallel import (
+    NEEDS_MICROBATCHES_PER_STAGE,
+    SCHEDULES,
+    V_SHAPED,
+    check_explicit_split,
+    is_single_stage,
+    num_microbatches,
+)
 
 VALID_CP_BACKENDS = ("ring", "allgather", "native")
 
@@ -15,6 +23,49 @@ VALID_CP_BACKENDS = ("ring", "allgather", "native")
 def _valid_tp(values: list[int], world_size: int) -> str:
     common = [d for d in divisors(world_size) if all(v % d == 0 for v in values)]
     return f"valid tp values: {common}"
+
+
+def _pipeline_problems(parallel: ParallelConfig, model: ModelConfig | None) -> list[str]:
+    if parallel.pp_schedule not in SCHEDULES:
+        return [f"parallel.pp_schedule={parallel.pp_schedule!r} is not one of {list(SCHEDULES)}"]
+    if parallel.pp <= 1:
+        return []
+    problems = []
+    stages_per_rank = parallel.stages_per_rank
+    num_stages = parallel.pp * stages_per_rank
+    schedule = parallel.pp_schedule
+    if stages_per_rank < 1:
+        problems.append(f"parallel.stages_per_rank={stages_per_rank} must be >= 1")
+    elif is_single_stage(schedule) and stages_per_rank != 1:
+        problems.append(f"pp_schedule={schedule} runs one stage per rank, but stages_per_rank={stages_per_rank}; use 1")
+    elif schedule in V_SHAPED and stages_per_rank != 2:
+        problems.append(f"pp_schedule={schedule} places exactly 2 stages per rank (a V), but stages_per_rank={stages_per_rank}")
+    elif not is_single_stage(schedule) and stages_per_rank == 1:
+        problems.append(f"pp_schedule={schedule} runs several stages per rank, but stages_per_rank=1; use 2 or more")
+    microbatches = num_microbatches(parallel.microbatches, num_stages)
+    if microbatches < 1:
+        problems.append(f"parallel.microbatches={microbatches} must be >= 1")
+    elif schedule in NEEDS_MICROBATCHES_PER_STAGE and microbatches < num_stages:
+        problems.append(
+            f"pp_schedule={schedule} needs at least as many microbatches as stages: microbatches={microbatches} < "
+            f"pp {parallel.pp} × stages_per_rank {stages_per_rank} = {num_stages} (it would stall)"
+        )
+    if model is not None:
+        if num_stages > model.n_layers:
+            problems.append(
+                f"pp {parallel.pp} × stages_per_rank {stages_per_rank} = {num_stages} stages, more than "
+                f"model.n_layers={model.n_layers}; every stage needs at least one block"
+            )
+        elif parallel.pp_layers is not None:
+            problems += check_explicit_split(parallel.pp_layers, model.n_layers, num_stages)
+        if model.tie_embeddings:
+            problems.append(
+                "model.tie_embeddings=true with pp > 1: the embedding and the head live on different stages; "
+                "untie them (model.tie_embeddings=false) or use pp=1"
+            )
+    if parallel.loss_parallel:
+        problems.append("parallel.loss_parallel=true is not supported with pp > 1 yet; set it to false")
+    return problems
 
 
 def global_batch_problem(
@@ -49,8 +100,7 @@ def check_layout(
     except ValueError as error:
         problems.append(str(error))
     tp = max(parallel.tp, 1)
-    if parallel.pp > 1:
-        problems.append(f"parallel.pp={parallel.pp}: pipeline parallel is not available yet; use pp=1")
+    problems += _pipeline_problems(parallel, model)
     if parallel.cp > 1:
         problems.append(f"parallel.cp={parallel.cp}: context parallel is not available yet; use cp=1")
     if parallel.cp_backend not in VALID_CP_BACKENDS:
@@ -85,6 +135,15 @@ def check_layout(
             problem = global_batch_problem(data.global_batch_size, dims.dp, accumulate_grad_batches, detail)
             if problem:
                 problems.append(problem)
+            elif parallel.pp > 1:
+                per_rank = data.global_batch_size // (dims.dp * accumulate_grad_batches)
+                microbatches = num_microbatches(parallel.microbatches, parallel.pp * parallel.stages_per_rank)
+                if microbatches > 0 and per_rank % microbatches:
+                    problems.append(
+                        f"the per-rank batch of {per_rank} sequences (global_batch_size={data.global_batch_size} / "
+                        f"dp {dims.dp} / accumulate_grad_batches {accumulate_grad_batches}) is not divisible by "
+                        f"parallel.microbatches={microbatches}; valid microbatches: {divisors(per_rank)}"
+                    )
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
     assert dims is not None  # no problems means the dims resolved

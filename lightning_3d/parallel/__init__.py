@@ -1,12 +1,12 @@
 """Apply every parallelism to a model, in one fixed order.
 
-meta-device model → [pipeline split: later] → tensor/sequence parallel → [context
-parallel: later] → [activation checkpointing, torch.compile: later] → FSDP2 per block,
-then the extra units, then the root → materialize the weights.
+meta-device model → pipeline split (keep only this rank's stages) → tensor/sequence
+parallel → [context parallel: later] → [activation checkpointing, torch.compile: later]
+→ FSDP2 per block, then the extra units, then the stage root → materialize the weights.
 
 Tensor parallel comes before FSDP2 because FSDP2 shards the already-TP-sharded DTensor
 parameters along the data-parallel mesh (2-D parameters); materializing last means no
-rank ever holds the full model.
+rank ever holds more than its own shards of its own stages.
 """
 
 from __future__ import annotations
@@ -19,8 +19,21 @@ from lightning_3d.config import ParallelConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.parallel.data_parallel import apply_data_parallel, mixed_precision_policy
 from lightning_3d.parallel.materialize import InitFn, has_meta_parameters, materialize
-from lightning_3d.parallel.tensor_parallel import apply_tensor_parallel
+from lightning_3d.parallel.pipeline_parallel import cut_stage, split_blocks, stages_of_rank
+from lightning_3d.parallel.tensor_parallel import apply_tensor_parallel, blocks_of
 from lightning_3d.plans.base import ParallelPlan
+
+
+def _pipeline_stages(model: nn.Module, plan: ParallelPlan, config: ParallelConfig, pp_rank: int) -> list[tuple[int, nn.Module]]:
+    """(stage index, stage module) for each stage this rank holds."""
+    num_stages = config.pp * config.stages_per_rank
+    stage_blocks = config.pp_layers or split_blocks(
+        len(blocks_of(model, plan)), num_stages, config.pp_embedding_weight, config.pp_head_weight
+    )
+    return [
+        (index, cut_stage(model, plan, stage_blocks[index], is_first=index == 0, is_last=index == num_stages - 1))
+        for index in stages_of_rank(pp_rank, config.pp, config.stages_per_rank, config.pp_schedule)
+    ]
 
 
 def parallelize(
@@ -33,19 +46,41 @@ def parallelize(
     device: torch.device,
     init_fn: InitFn | None,
     seed: int,
-) -> None:
-    """Parallelize ``module`` in place (see the module docstring for the order)."""
+) -> list[tuple[int, nn.Module]]:
+    """Parallelize ``module`` in place and return this rank's (stage index, stage module)s.
+
+    Without pipeline parallel the single "stage" is ``module.<plan.root>`` itself; with it,
+    ``module.<plan.root>`` becomes an ``nn.ModuleList`` of this rank's stages, so the
+    optimizer and Lightning see exactly the parameters this rank owns.
+    """
     on_meta = has_meta_parameters(module)
     if on_meta and init_fn is None:
         raise TypeError(
             f"{type(module).__name__} creates its parameters on the meta device but defines no "
             "`init_parameter(name, full_tensor, generator)` to initialize them"
         )
-    if not on_meta:
-        module.to(device)
-    if dims.tp > 1:
-        apply_tensor_parallel(module, plan, meshes["tp"])
+    if dims.pp > 1 and not on_meta:
+        raise ValueError(
+            f"pipeline parallel (pp={dims.pp}) cuts the model before any weight exists: create the model in "
+            f"{type(module).__name__}.configure_model(), which the strategy runs on the meta device"
+        )
+    model = module.get_submodule(plan.root)
+    if dims.pp > 1:
+        stages = _pipeline_stages(model, plan, config, meshes["pp"].get_local_rank())
+        owner, _, attr = plan.root.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, attr, nn.ModuleList([part for _, part in stages]))
+    else:
+        stages = [(0, model)]
     reshard = config.reshard_after_forward if config.reshard_after_forward is not None else dims.pp == 1
-    apply_data_parallel(module, plan, meshes, dims, mixed_precision_policy(precision), reshard)
-    if on_meta:
-        materialize(module, plan.root, device, init_fn, seed)
+    for _, part in stages:
+        if not on_meta:
+            part.to(device)
+        if dims.tp > 1:
+            apply_tensor_parallel(part, plan, meshes["tp"])
+        apply_data_parallel(part, plan, meshes, dims, mixed_precision_policy(precision), reshard)
+        if on_meta:
+            materialize(part, plan.root, device, init_fn, seed)
+    leftover = [name for name, param in module.named_parameters() if param.is_meta]
+    if leftover:
+        raise ValueError(f"parameters outside the plan's root {plan.root!r} cannot be materialized: {leftover[:5]}")
+    return stages
