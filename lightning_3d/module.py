@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_3d.config import ModelConfig, OptimConfig, ParallelConfig
 from lightning_3d.loss import token_weighted_loss
-from lightning_3d.models.llama import Transformer
+from lightning_3d.models.llama import Transformer, init_parameter
 from lightning_3d.plans import ParallelPlan, llama_plan
 
 # The logged losses are already global (identical on every rank); syncing them is not needed.
@@ -46,7 +46,9 @@ class CausalLM(L.LightningModule):
         self.optim_config = optim or OptimConfig()
         self.save_hyperparameters({"model": asdict(model), "optim": asdict(self.optim_config)})
         self.model: Optional[Transformer] = None
-        self.val_loss = MeanMetric()
+        # losses arrive already global (the same on every rank): no metric sync needed
+        self.train_loss = MeanMetric(sync_on_compute=False)
+        self.val_loss = MeanMetric(sync_on_compute=False)
 
     @override
     def configure_model(self) -> None:
@@ -54,10 +56,10 @@ class CausalLM(L.LightningModule):
             self.model = Transformer(self.model_config)
 
     def parallel_plan(self, parallel: ParallelConfig) -> ParallelPlan:
-        return llama_plan(self.model_config, parallel, prefix="model")
+        return llama_plan(self.model_config, parallel, root="model")
 
     def init_parameter(self, name: str, full: Tensor, generator: torch.Generator) -> None:
-        self.model.init_parameter(name.removeprefix("model."), full, generator)
+        init_parameter(self.model_config, name.removeprefix("model."), full, generator)
 
     def _loss_mesh(self) -> Optional[DeviceMesh]:
         # the loss is reduced over dp × cp; other strategies have no such view: local loss
@@ -67,18 +69,33 @@ class CausalLM(L.LightningModule):
         logits = self.model(batch["input_ids"], batch.get("positions"))
         return token_weighted_loss(logits, batch["labels"], self._loss_mesh())
 
+    def record_loss(self, stage: str, global_loss: Tensor, tokens: Tensor) -> None:
+        """Collect a batch's global loss; under pipeline parallel the strategy calls this itself."""
+        metric = self.train_loss if stage == "train" else self.val_loss
+        metric.update(global_loss, weight=tokens)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # one logged value per optimizer step: the token-weighted mean over its micro-batches
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.log("train_loss", self.train_loss.compute(), prog_bar=True, sync_dist=False)
+            self.log("train_tokens", self.train_loss.weight, sync_dist=False)
+            self.train_loss.reset()
+
+    def pipeline_batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(first-stage input, last-stage target) of a batch, for pipeline parallel."""
+        return batch["input_ids"], batch["labels"]
+
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, global_loss, tokens = self._losses(batch)
-        self.log("train_loss", global_loss, prog_bar=True, sync_dist=False)
-        self.log("train_tokens", tokens, reduce_fx="sum", sync_dist=False)
+        self.record_loss("train", global_loss, tokens)
         return loss
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, global_loss, tokens = self._losses(batch)
-        # every rank holds the same global value, so the metric's own sync changes nothing
-        self.val_loss.update(global_loss, weight=tokens)
+        self.record_loss("val", global_loss, tokens)
 
     @override
     def on_validation_epoch_end(self) -> None:

@@ -34,7 +34,9 @@ from typing_extensions import override
 from lightning_3d.config import ParallelConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.parallel import parallelize
+from lightning_3d.loss import IGNORE_INDEX
 from lightning_3d.parallel.grad_clip import clip_grad_norm_
+from lightning_3d.parallel.pipeline_parallel import PipelineLoss, build_schedules, num_microbatches
 from lightning_3d.plans.base import ParallelPlan
 from lightning_3d.validation import check_layout
 
@@ -170,6 +172,14 @@ class ModelParallel4DStrategy(ParallelStrategy):
                 f"{type(self).__name__} cannot save checkpoints yet; pass Trainer(enable_checkpointing=False) "
                 f"and no ModelCheckpoint callback (found {len(trainer.checkpoint_callbacks)})"
             )
+        if module is not None and self.parallel.pp > 1:
+            missing = [hook for hook in ("pipeline_batch", "record_loss") if not hasattr(module, hook)]
+            if missing:
+                raise ValueError(
+                    f"parallel.pp={self.parallel.pp}: {type(module).__name__} lacks {missing}; a pipelined module "
+                    "defines `pipeline_batch(batch) -> (input_ids, labels)` and `record_loss(stage, loss, tokens)` "
+                    "(see README, 'Bring your own model')"
+                )
         if module is not None and not hasattr(module, "parallel_plan"):
             raise ValueError(
                 f"{type(module).__name__} defines no `parallel_plan(parallel_config)` method: the strategy needs "
@@ -214,7 +224,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         module = self.lightning_module
         plan = self._resolve_plan(module)
         self.model = self.precision_plugin.convert_module(self.model)
-        parallelize(
+        stages = parallelize(
             module,
             plan,
             self.meshes,
@@ -225,6 +235,12 @@ class ModelParallel4DStrategy(ParallelStrategy):
             init_fn=getattr(module, "init_parameter", None),
             seed=self.init_seed,
         )
+        if self.dims.pp > 1:
+            self._setup_pipeline(stages)
+            # The schedule runs backward inside training_step; Lightning's closure would zero
+            # the gradients after it and backward again. Switch both off (as Lightning's own
+            # SWA callback does) and zero the gradients in _pipeline_step instead.
+            trainer.fit_loop._skip_backward = True
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -244,17 +260,73 @@ class ModelParallel4DStrategy(ParallelStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
 
+    # ------------------------------------------------------------------ pipeline
+    def _setup_pipeline(self, stages: list[tuple[int, torch.nn.Module]]) -> None:
+        num_stages = self.parallel.pp * self.parallel.stages_per_rank
+        self._pipeline_loss = PipelineLoss()
+        self._schedule, self._eval_schedule = build_schedules(
+            stages,
+            num_stages,
+            self.parallel.pp_schedule,
+            num_microbatches(self.parallel.microbatches, num_stages),
+            self.root_device,
+            self.meshes["pp"].get_group(),
+            self._pipeline_loss,
+        )
+        indices = [index for index, _ in stages]
+        self._holds_first_stage = 0 in indices
+        self._holds_last_stage = num_stages - 1 in indices
+
+    def _pipeline_step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
+        """Run the schedule on this rank's batch; return the global token-weighted mean loss.
+
+        Training runs forward and backward of every microbatch here (Lightning's own
+        backward is then skipped); validation runs forward only.
+        """
+        module = self.lightning_module
+        inputs, labels = module.pipeline_batch(batch)
+        loss_mesh = self.meshes["loss"]
+        tokens = (labels != IGNORE_INDEX).sum().double()
+        if loss_mesh.size() > 1:
+            dist.all_reduce(tokens, group=loss_mesh.get_group())
+        trainer = module.trainer
+        accumulate = trainer.accumulate_grad_batches if stage == "train" else 1
+        if stage == "train" and batch_idx % accumulate == 0:  # first batch of an optimizer step
+            for optimizer in self.optimizers:
+                module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
+        self._pipeline_loss.scale = loss_mesh.size() / (tokens.clamp(min=1) * accumulate).float()
+        losses: list[Tensor] = []
+        run = self._schedule.step if stage == "train" else self._eval_schedule.eval
+        run(*((inputs,) if self._holds_first_stage else ()), target=labels if self._holds_last_stage else None, losses=losses)
+        # this rank's token-loss sum / global tokens, on the last stage only; then summed over
+        # the loss mesh (→ the global mean) and over the pp mesh (→ on every stage)
+        mean = torch.zeros((), dtype=torch.float64, device=self.root_device)
+        if self._holds_last_stage:
+            mean += torch.stack(losses).detach().double().sum() * accumulate / loss_mesh.size()
+        if loss_mesh.size() > 1:
+            dist.all_reduce(mean, group=loss_mesh.get_group())
+        dist.all_reduce(mean, group=self.meshes["pp"].get_group())
+        global_loss = mean.float()
+        module.record_loss(stage, global_loss, tokens)
+        return global_loss
+
     # ------------------------------------------------------------------ steps
     def _loss_parallel_context(self) -> AbstractContextManager:
         return loss_parallel() if self.parallel.loss_parallel and self.dims.tp > 1 else nullcontext()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.dims.pp > 1:
+            with self.precision_plugin.train_step_context():
+                return self._pipeline_step(args[0], args[1], "train")
         with self._loss_parallel_context():
             return super().training_step(*args, **kwargs)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.dims.pp > 1:
+            with self.precision_plugin.val_step_context():
+                return self._pipeline_step(args[0], args[1], "val")
         with self._loss_parallel_context():
             return super().validation_step(*args, **kwargs)
 

@@ -18,8 +18,9 @@ from lightning_3d.validation import global_batch_problem
 class TextDataModule(lightning.LightningDataModule):
     """Serves ``config.global_batch_size`` sequences per optimizer step, shared among DP ranks.
 
-    One data-loader batch is one micro-batch: ``global_batch_size // accumulate_grad_batches``
+    One training batch is one micro-batch: ``global_batch_size // accumulate_grad_batches``
     sequences across all data-parallel ranks, ``per_rank_batch_size`` of them on this rank.
+    A validation batch is a whole global batch (validation does not accumulate).
     The data-parallel size and rank come from the trainer's strategy
     (``distributed_sampler_kwargs``), so tensor/context/pipeline-parallel ranks of one
     data-parallel group get the same batch.
@@ -83,11 +84,13 @@ class TextDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train_dataset, _ = self._datasets()
-        return self._loader(train_dataset, shuffle=self.config.shuffle, max_batches=None)
+        return self._loader(train_dataset, self.micro_batch_size, shuffle=self.config.shuffle, max_batches=None)
 
     def val_dataloader(self) -> DataLoader:
         _, val_dataset = self._datasets()
-        return self._loader(val_dataset, shuffle=False, max_batches=self.config.val_batches)
+        # no accumulation in validation: one batch is the whole global batch
+        self._check_batch_layout()
+        return self._loader(val_dataset, self.config.global_batch_size, shuffle=False, max_batches=self.config.val_batches)
 
     # ------------------------------------------------------------------ helpers
 
@@ -97,10 +100,10 @@ class TextDataModule(lightning.LightningDataModule):
             self.setup()
         return self.train_dataset, self.val_dataset  # type: ignore[return-value]
 
-    def _loader(self, dataset: TokenWindowDataset, shuffle: bool, max_batches: Optional[int]) -> DataLoader:
+    def _loader(self, dataset: TokenWindowDataset, global_batch: int, shuffle: bool, max_batches: Optional[int]) -> DataLoader:
         sampler = GlobalOrderSampler(
             dataset_len=len(dataset),
-            global_batch=self.micro_batch_size,
+            global_batch=global_batch,
             num_replicas=self.dp_size,
             rank=self.dp_rank,
             shuffle=shuffle,
@@ -112,7 +115,7 @@ class TextDataModule(lightning.LightningDataModule):
         workers = self.config.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.per_rank_batch_size,
+            batch_size=global_batch // self.dp_size,
             sampler=sampler,
             drop_last=True,
             num_workers=workers,
