@@ -10,6 +10,7 @@ every rank.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -19,19 +20,16 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import Callback
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lightning_3d.train import CONF_DIR, build, to_config
 
 
-class StepLosses(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-            self.losses.append(float(trainer.callback_metrics["train_loss"]))
+def logged_train_losses(run_dir: Path) -> list[float]:
+    """Per-step train losses as the run logged them (the debug recipe logs every step)."""
+    with open(run_dir / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train_loss")]
+    return [float(row["train_loss"]) for row in sorted(rows, key=lambda row: int(row["step"]))]
 
 
 def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:
@@ -42,13 +40,19 @@ def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:
             config_name="config",
             overrides=[f"run_dir={out_dir / name}", f"trainer.devices={local_world}", f"trainer.num_nodes={nodes}", *overrides],
         )
-    recorder = StepLosses()
-    trainer, model, datamodule = build(to_config(cfg), callbacks=[recorder])
+    trainer, model, datamodule = build(to_config(cfg))
     trainer.fit(model, datamodule=datamodule)
-    weights = get_model_state_dict(model.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # full tensors on every rank; under pipeline parallel each rank holds only its stages
+    parts = model.model if isinstance(model.model, torch.nn.ModuleList) else [model.model]
+    weights = {}
+    for part in parts:
+        weights.update(get_model_state_dict(part, options=StateDictOptions(full_state_dict=True)))
+    gathered = [None] * trainer.world_size
+    dist.all_gather_object(gathered, {name: tensor.cpu() for name, tensor in weights.items()})
+    weights = {name: tensor for part_weights in gathered for name, tensor in part_weights.items()}
     if trainer.global_rank == 0:
         result = {
-            "losses": recorder.losses,
+            "losses": logged_train_losses(out_dir / name),
             "val_loss": float(trainer.callback_metrics["val_loss"]),
             "weights": {k: v.float() for k, v in weights.items()},
         }
@@ -79,6 +83,7 @@ def main() -> None:
     for name, overrides in cases.items():
         trainer = run_case(name, overrides, out_dir)
     record_collectives(trainer, out_dir)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

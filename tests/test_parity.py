@@ -20,11 +20,31 @@ WORKER = Path(__file__).with_name("parity_worker.py")
 DEBUG = ["recipe=debug"]
 TIED = ["model.tie_embeddings=true"]
 
-ONE_RANK = {"single": DEBUG, "single_tied": DEBUG + TIED}
+
+def pp(degree: int, schedule: str, stages_per_rank: int = 1) -> list[str]:
+    return [f"parallel.pp={degree}", f"parallel.pp_schedule={schedule}", f"parallel.stages_per_rank={stages_per_rank}"]
+
+
+# reference runs on one process; every parallel case names the one it must match
+ONE_RANK = {
+    "single": DEBUG,
+    "single_tied": DEBUG + TIED,
+    "single_8_layers": DEBUG + ["model.n_layers=8"],
+    "single_6_layers": DEBUG + ["model.n_layers=6"],
+    "single_batch16": DEBUG + ["data.global_batch_size=16"],
+}
+REFERENCE = {"_tied": "single_tied", "_8_layers": "single_8_layers", "_6_layers": "single_6_layers", "_batch16": "single_batch16"}
+
 TWO_RANKS = {
     "dp_shard2": DEBUG + ["parallel.dp_shard=2"],
     "tp2": DEBUG + ["parallel.dp_shard=1", "parallel.tp=2"],
     "ddp2": DEBUG + ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
+    "gpipe_pp2_sanity_check": DEBUG + pp(2, "gpipe") + ["parallel.dp_shard=1", "trainer.num_sanity_val_steps=1"],
+    "1f1b_pp2_explicit_uneven": DEBUG + pp(2, "1f1b") + ["parallel.dp_shard=1", "parallel.pp_layers=[[0],[1,2,3]]"],
+    "looped_bfs_pp2": DEBUG + pp(2, "looped_bfs", 2) + ["parallel.dp_shard=1"],
+    "interleaved_zero_bubble_pp2": DEBUG + pp(2, "interleaved_zero_bubble", 2) + ["parallel.dp_shard=1"],
+    "zbv_pp2": DEBUG + pp(2, "zbv", 2) + ["parallel.dp_shard=1"],
+    "dualpipev_pp2": DEBUG + pp(2, "dualpipev", 2) + ["parallel.dp_shard=1"],
     "dp_shard2_bf16_mixed": DEBUG + ["parallel.dp_shard=2", "trainer.precision=bf16-mixed"],
     "tp2_bf16_true": DEBUG + ["parallel.tp=2", "trainer.precision=bf16-true"],
 }
@@ -35,6 +55,17 @@ FOUR_RANKS = {
     "ddp2_tp2_no_sp": DEBUG + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.tp=2", "parallel.sequence_parallel=false"],
     "dp_shard4_no_reshard": DEBUG + ["parallel.dp_shard=4", "parallel.reshard_after_forward=false"],
     "dp_shard2_tp2_tied": DEBUG + TIED + ["parallel.dp_shard=2", "parallel.tp=2"],
+    "1f1b_pp4_8_layers": DEBUG + pp(4, "1f1b") + ["parallel.dp_shard=1", "model.n_layers=8"],
+    "1f1b_pp4_uneven_6_layers": DEBUG + pp(4, "1f1b") + ["parallel.dp_shard=1", "model.n_layers=6"],
+    # accumulate_grad_batches=2 over a global batch of 16 = one batch of 16
+    "dp_shard2_pp2_accumulate2_batch16": DEBUG
+    + pp(2, "1f1b")
+    + ["parallel.dp_shard=2", "data.global_batch_size=16", "trainer.accumulate_grad_batches=2"],
+    "dp_shard4_accumulate2_batch16": DEBUG + ["parallel.dp_shard=4", "data.global_batch_size=16", "trainer.accumulate_grad_batches=2"],
+}
+EIGHT_RANKS = {
+    "interleaved_1f1b_dp_shard2_tp2_pp2": DEBUG + pp(2, "interleaved_1f1b", 2) + ["parallel.dp_shard=2", "parallel.tp=2"],
+    "1f1b_hsdp2_tp2_pp2": DEBUG + pp(2, "1f1b") + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.tp=2"],
 }
 TWO_NODES = {"two_nodes_hsdp2x2": DEBUG + ["parallel.dp_replicate=2", "parallel.dp_shard=2"]}
 
@@ -96,12 +127,18 @@ def four_ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def eight_ranks(tmp_path_factory):
+    return _results(tmp_path_factory, "eight_ranks", 8, EIGHT_RANKS)
+
+
+@pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     return _results(tmp_path_factory, "two_nodes", 2, TWO_NODES, nnodes=2)
 
 
 def _reference_for(case: str, reference: dict) -> dict:
-    return reference["single_tied" if case.endswith("_tied") else "single"]
+    names = [name for suffix, name in REFERENCE.items() if case.endswith(suffix)]
+    return reference[names[0] if names else "single"]
 
 
 def assert_parity(result: dict, expected: dict) -> None:
@@ -129,6 +166,11 @@ def test_four_rank_parity(case, reference, four_ranks):
     assert_parity(four_ranks[case], _reference_for(case, reference))
 
 
+@pytest.mark.parametrize("case", list(EIGHT_RANKS))
+def test_eight_rank_parity(case, reference, eight_ranks):
+    assert_parity(eight_ranks[case], _reference_for(case, reference))
+
+
 @pytest.mark.parametrize("case", [c for c in TWO_RANKS if "bf16" in c])
 def test_bf16_tracks_fp32(case, reference, two_ranks):
     # bf16 rounds every matmul input: close to the fp32 run, not equal
@@ -147,13 +189,14 @@ def test_tied_weights_stay_tied(reference, four_ranks):
         assert torch.equal(result["weights"]["output.weight"], result["weights"]["tok_embeddings.weight"])
 
 
-def test_strategy_collectives_and_mesh(four_ranks):
-    # the last 4-rank case is dp_shard=2 × tp=2: tp is the innermost mesh dim, so ranks
-    # 0,1 load data-parallel slice 0 and ranks 2,3 slice 1
-    records = four_ranks["collectives"]
-    assert [r["reduce_sum"] for r in records] == [6.0] * 4
-    assert [r["reduce_mean"] for r in records] == [1.5] * 4
-    assert [r["all_gather"] for r in records] == [[0, 1, 2, 3]] * 4
-    assert [r["broadcast"] for r in records] == [{"from": 0}] * 4
-    assert [r["sampler"] for r in records] == [{"num_replicas": 2, "rank": dp} for dp in (0, 0, 1, 1)]
+def test_strategy_collectives_and_mesh(eight_ranks):
+    # recorded after the last 8-rank case, dp_replicate=2 × tp=2 × pp=2: pp is the outermost
+    # mesh dim and tp the innermost, so ranks (0,1), (2,3) load slices 0, 1 on stage 0 and
+    # ranks (4,5), (6,7) the same slices on stage 1
+    records = eight_ranks["collectives"]
+    assert [r["reduce_sum"] for r in records] == [28.0] * 8
+    assert [r["reduce_mean"] for r in records] == [3.5] * 8
+    assert [r["all_gather"] for r in records] == [list(range(8))] * 8
+    assert [r["broadcast"] for r in records] == [{"from": 0}] * 8
+    assert [r["sampler"] for r in records] == [{"num_replicas": 2, "rank": dp} for dp in (0, 0, 1, 1, 0, 0, 1, 1)]
     assert records[0]["mesh_dims"] == ("pp", "dp_replicate", "dp_shard", "cp", "tp")

@@ -169,7 +169,7 @@ def test_tensor_parallel_without_parallel_plan_fails_before_the_process_group() 
             _small_causal_lm,
             [
                 r"pp=2 × dp_replicate=1 × dp_shard=1 × cp=1 × tp=1 = 2 ranks, but the world size is 1",
-                r"parallel\.pp=2: pipeline parallel is not available yet",
+                r"pp 2 × stages_per_rank 1 = 2 stages, more than model\.n_layers=1",
             ],
         ),
         (

@@ -257,7 +257,7 @@ def test_seq_len_must_divide_by_tp_under_sequence_parallel() -> None:
 @pytest.mark.parametrize(
     "world_size, parallel, pattern",
     [
-        (2, dict(pp=2), r"parallel\.pp=2: pipeline parallel is not available yet; use pp=1"),
+        (2, dict(pp=2, pp_schedule="1f2b"), r"parallel\.pp_schedule='1f2b' is not one of \['gpipe', '1f1b', "),
         (4, dict(cp=4), r"parallel\.cp=4: context parallel is not available yet; use cp=1"),
         (1, dict(cp_backend="ulysses"), r"parallel\.cp_backend='ulysses' is not one of \['ring', 'allgather', 'native'\]"),
         (1, dict(timeout_s=0.0), r"parallel\.timeout_s=0\.0 must be > 0"),
@@ -274,10 +274,10 @@ def test_every_problem_is_reported_at_once() -> None:
     model = ModelConfig(**{**OK_MODEL, "n_heads": 6, "dim": 48, "n_kv_heads": 6, "max_seq_len": 64})
     data = DataConfig(seq_len=98, global_batch_size=7)
     with pytest.raises(ValueError) as error:
-        check_layout(ParallelConfig(tp=4, pp=2), 16, model=model, data=data, accumulate_grad_batches=1)
+        check_layout(ParallelConfig(tp=4, pp=2, pp_schedule="zbv"), 16, model=model, data=data, accumulate_grad_batches=1)
     problems = problems_of(error)
     expected = [
-        r"^parallel\.pp=2: pipeline parallel is not available",
+        r"^pp_schedule=zbv places exactly 2 stages per rank \(a V\), but stages_per_rank=1",
         r"^model\.n_heads=6 is not divisible by parallel\.tp=4",
         r"^model\.n_kv_heads=6 is not divisible by parallel\.tp=4",
         r"^data\.seq_len=98 is longer than model\.max_seq_len=64",
@@ -298,3 +298,57 @@ def test_layout_error_is_reported_together_with_model_errors() -> None:
     assert len(problems) == 2, problems
     assert re.search(r"= 6 ranks, but the world size is 8", problems[0])
     assert re.search(r"model\.vocab_size=511 is not divisible by parallel\.tp=2; valid tp values: \[1\]", problems[1])
+
+
+# ----------------------------------------------------------------------------- pipeline parallel
+
+PP_MODEL = dict(n_layers=4, dim=64, n_heads=4, vocab_size=512, max_seq_len=128)
+
+
+@pytest.mark.parametrize(
+    "parallel, model, batch, accumulate, pattern",
+    [
+        (dict(pp=4, pp_schedule="1f1b", microbatches=2), {}, 8, 1,
+         r"pp_schedule=1f1b needs at least as many microbatches as stages: microbatches=2 < pp 4 × stages_per_rank 1 = 4"),
+        (dict(pp=2, pp_schedule="gpipe", microbatches=3), {}, 8, 1,
+         r"per-rank batch of 8 sequences .* not divisible by parallel\.microbatches=3; valid microbatches: \[1, 2, 4, 8\]"),
+        (dict(pp=2, pp_schedule="gpipe", microbatches=3), {}, 16, 4,
+         r"per-rank batch of 4 sequences \(global_batch_size=16 / dp 1 / accumulate_grad_batches 4\)"),
+        (dict(pp=4, pp_schedule="interleaved_1f1b", stages_per_rank=2), {}, 8, 1,
+         r"pp 4 × stages_per_rank 2 = 8 stages, more than model\.n_layers=4"),
+        (dict(pp=2, pp_schedule="1f1b", stages_per_rank=2), {}, 8, 1,
+         r"pp_schedule=1f1b runs one stage per rank, but stages_per_rank=2"),
+        (dict(pp=2, pp_schedule="interleaved_1f1b", stages_per_rank=1), {}, 8, 1,
+         r"pp_schedule=interleaved_1f1b runs several stages per rank, but stages_per_rank=1"),
+        (dict(pp=2, pp_schedule="dualpipev", stages_per_rank=3), dict(n_layers=6), 12, 1,
+         r"pp_schedule=dualpipev places exactly 2 stages per rank \(a V\), but stages_per_rank=3"),
+        (dict(pp=2, pp_schedule="1f1b"), dict(tie_embeddings=True), 8, 1,
+         r"model\.tie_embeddings=true with pp > 1"),
+        (dict(pp=2, pp_schedule="1f1b", pp_layers=[[0, 1], [3]]), {}, 8, 1,
+         r"parallel\.pp_layers must list blocks 0\.\.3 once each, in order"),
+        (dict(pp=2, pp_schedule="1f1b", pp_layers=[[0, 1, 2, 3]]), {}, 8, 1,
+         r"parallel\.pp_layers has 1 stages, but pp × stages_per_rank = 2"),
+        (dict(pp=2, pp_schedule="1f1b", tp=2, loss_parallel=True), {}, 8, 1,
+         r"loss_parallel=true is not supported with pp > 1"),
+    ],
+)
+def test_bad_pipeline_layouts(parallel: dict, model: dict, batch: int, accumulate: int, pattern: str) -> None:
+    config = ParallelConfig(dp_shard=1, **parallel)
+    world = config.pp * config.tp
+    with pytest.raises(ValueError, match=pattern):
+        check_layout(config, world, ModelConfig(**{**PP_MODEL, **model}), DataConfig(seq_len=32, global_batch_size=batch), accumulate)
+
+
+@pytest.mark.parametrize(
+    "parallel, layers",
+    [
+        (dict(pp=2, pp_schedule="gpipe"), 4),
+        (dict(pp=4, pp_schedule="1f1b"), 6),
+        (dict(pp=2, pp_schedule="zbv", stages_per_rank=2), 4),
+        (dict(pp=2, pp_schedule="interleaved_1f1b", stages_per_rank=2, pp_layers=[[0], [1], [2], [3]]), 4),
+    ],
+)
+def test_good_pipeline_layouts(parallel: dict, layers: int) -> None:
+    config = ParallelConfig(dp_shard=1, **parallel)
+    dims = check_layout(config, config.pp, ModelConfig(**{**PP_MODEL, "n_layers": layers}), DataConfig(seq_len=32, global_batch_size=8))
+    assert dims.pp == config.pp
