@@ -119,6 +119,9 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     trainer.fit(model, datamodule=datamodule)
+    # leave no pending point-to-point work behind for the interpreter's exit to trip over
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def cli(argv: Optional[list[str]] = None) -> Any:

@@ -94,8 +94,9 @@ def test_default_is_the_tiny_recipe() -> None:
     default = load()
     assert default == load("recipe=tiny")
     assert default.parallel.tp == 2
+    assert default.parallel.pp == 2
     assert default.parallel.dp_shard == -1
-    assert default.trainer.devices == 4
+    assert default.trainer.devices == 8
     assert default.model.dim == 128  # model/tiny
     assert check_layout(default.parallel, world_size_of(default), default.model, default.data).dp_shard == 2
 
