@@ -68,3 +68,21 @@ def test_cut_stage_keeps_only_its_blocks_and_ends():
     # parameter names stay those of the whole model, and the original is untouched
     assert "layers.2.attention.wq.weight" in dict(last.named_parameters())
     assert len(model.layers) == 4 and model.output is not None
+
+
+@pytest.mark.parametrize(
+    "schedule, per_rank, pp, microbatches",
+    [("gpipe", 1, 4, 8), ("1f1b", 1, 4, 8), ("1f1b", 1, 2, 6), ("interleaved_1f1b", 2, 4, 8), ("looped_bfs", 2, 2, 4)],
+)
+def test_action_tables_have_the_textbook_bubble(schedule, per_rank, pp, microbatches):
+    from lightning_3d.bench.pipeline import idle_fraction, textbook_idle
+
+    assert f"{idle_fraction(schedule, pp, microbatches, per_rank):.3f}" == textbook_idle(schedule, pp, microbatches, per_rank)
+
+
+def test_zero_bubble_schedules_idle_less_than_1f1b():
+    from lightning_3d.bench.pipeline import idle_fraction
+
+    one_f_one_b = idle_fraction("1f1b", 4, 8, 1)
+    for schedule in ("interleaved_zero_bubble", "zbv", "dualpipev"):
+        assert idle_fraction(schedule, 4, 8, 2) < one_f_one_b / 2

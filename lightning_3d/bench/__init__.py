@@ -1,0 +1,1 @@
+"""Benchmarks: figures measured side by side, with the commands in docs/benchmarks.md."""
