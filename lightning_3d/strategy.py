@@ -297,7 +297,12 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._pipeline_loss.scale = loss_mesh.size() / (tokens.clamp(min=1) * accumulate).float()
         losses: list[Tensor] = []
         run = self._schedule.step if stage == "train" else self._eval_schedule.eval
-        run(*((inputs,) if self._holds_first_stage else ()), target=labels if self._holds_last_stage else None, losses=losses)
+        run(
+            *((inputs,) if self._holds_first_stage else ()),
+            target=labels if self._holds_last_stage else None,
+            losses=losses,
+            return_outputs=False,  # only the losses are needed, not the merged logits
+        )
         # this rank's token-loss sum / global tokens, on the last stage only; then summed over
         # the loss mesh (→ the global mean) and over the pp mesh (→ on every stage)
         mean = torch.zeros((), dtype=torch.float64, device=self.root_device)
