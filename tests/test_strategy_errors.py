@@ -198,3 +198,15 @@ def test_missing_parallel_plan_fails_before_the_process_group_even_without_tp() 
     # checked up front like the tp > 1 case
     pattern = r"NoPlanModule defines no `parallel_plan"
     assert not fit_expecting_error(ModelParallel4DStrategy(tp=1), NoPlanModule(), pattern)
+
+
+class PlanOnlyModule(NoPlanModule):
+    """Has a plan but not the pipeline hooks."""
+
+    def parallel_plan(self, parallel):
+        raise AssertionError("never reached: the pipeline hooks are checked first")
+
+
+def test_pipeline_without_its_hooks_fails_before_the_process_group() -> None:
+    pattern = r"parallel\.pp=2: PlanOnlyModule lacks \['pipeline_batch', 'record_loss'\]"
+    assert not fit_expecting_error(ModelParallel4DStrategy(pp=2, dp_shard=1), PlanOnlyModule(), pattern)
