@@ -107,6 +107,18 @@ def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L
     return trainer, model, datamodule
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process groups once every rank is done with them.
+
+    Without it, gloo's worker threads can still hold pending work (e.g. a pipeline
+    schedule's last receives) when the interpreter exits, which aborts the process; the
+    barrier keeps one rank from tearing down while a peer's last collective is in flight.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 register_configs()
 
 
@@ -119,9 +131,7 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     trainer.fit(model, datamodule=datamodule)
-    # leave no pending point-to-point work behind for the interpreter's exit to trip over
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def cli(argv: Optional[list[str]] = None) -> Any:

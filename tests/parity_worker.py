@@ -22,7 +22,7 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from lightning_3d.train import CONF_DIR, build, to_config
+from lightning_3d.train import CONF_DIR, build, shutdown_distributed, to_config
 
 
 def logged_train_losses(run_dir: Path) -> list[float]:
@@ -83,7 +83,7 @@ def main() -> None:
     for name, overrides in cases.items():
         trainer = run_case(name, overrides, out_dir)
     record_collectives(trainer, out_dir)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
