@@ -101,10 +101,13 @@ def check_layout(
         problems.append(str(error))
     tp = max(parallel.tp, 1)
     problems += _pipeline_problems(parallel, model)
-    if parallel.cp > 1:
-        problems.append(f"parallel.cp={parallel.cp}: context parallel is not available yet; use cp=1")
     if parallel.cp_backend not in VALID_CP_BACKENDS:
         problems.append(f"parallel.cp_backend={parallel.cp_backend!r} is not one of {list(VALID_CP_BACKENDS)}")
+    elif parallel.cp > 1 and parallel.cp_backend == "native":
+        problems.append(
+            "parallel.cp_backend=native (torch's context_parallel) is not wired in: it has no CPU kernel in torch 2.13 "
+            "and is untested here on CUDA; use cp_backend=ring or allgather"
+        )
     if parallel.timeout_s <= 0:
         problems.append(f"parallel.timeout_s={parallel.timeout_s} must be > 0")
     if model is not None:
@@ -123,10 +126,23 @@ def check_layout(
             problems.append(f"data.seq_len={data.seq_len} must be > 0")
         if model is not None and data.seq_len > model.max_seq_len:
             problems.append(f"data.seq_len={data.seq_len} is longer than model.max_seq_len={model.max_seq_len}")
-        if parallel.sequence_parallel and tp > 1 and data.seq_len % tp:
+        cp = max(parallel.cp, 1)
+        sp = tp if parallel.sequence_parallel else 1
+        pieces = (2 * cp if cp > 1 else 1) * sp
+        if pieces > 1 and data.seq_len % pieces:
+            factors, reasons = [], []
+            if cp > 1:
+                factors.append(f"2·cp={2 * cp}")
+                reasons.append("context parallel cuts each sequence into 2·cp chunks")
+            if sp > 1:
+                factors.append(f"parallel.tp={tp}")
+                reasons.append("sequence parallel shards the sequence over tp")
+            below = data.seq_len // pieces * pieces
+            nearest = [n for n in (below, below + pieces) if n > 0]
             problems.append(
-                f"data.seq_len={data.seq_len} is not divisible by parallel.tp={tp} (sequence parallel "
-                "shards the sequence over tp); change seq_len or set parallel.sequence_parallel=false"
+                f"data.seq_len={data.seq_len} is not divisible by " + " × ".join(factors)
+                + (f" = {pieces}" if len(factors) > 1 else "") + f" ({'; '.join(reasons)}); nearest valid: {nearest}"
+                + (", or set parallel.sequence_parallel=false" if sp > 1 else "")
             )
         if accumulate_grad_batches < 1:
             problems.append(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")

@@ -130,7 +130,7 @@ def test_attention_matches_a_hand_written_reference() -> None:
         # and the enable_gqa path of sdpa agrees with SDPA on explicitly repeated heads
         q4, k2, v2 = (torch.randn(batch, n, seq, head_dim) for n in (4, 2, 2))
         torch.testing.assert_close(
-            attention.sdpa(q4, k2, v2),
+            attention.core_attention(q4, k2, v2),
             F.scaled_dot_product_attention(q4, k2.repeat_interleave(2, 1), v2.repeat_interleave(2, 1), is_causal=True),
         )
 

@@ -258,7 +258,7 @@ def test_seq_len_must_divide_by_tp_under_sequence_parallel() -> None:
     "world_size, parallel, pattern",
     [
         (2, dict(pp=2, pp_schedule="1f2b"), r"parallel\.pp_schedule='1f2b' is not one of \['gpipe', '1f1b', "),
-        (4, dict(cp=4), r"parallel\.cp=4: context parallel is not available yet; use cp=1"),
+        (4, dict(cp=4, cp_backend="native"), r"parallel\.cp_backend=native \(torch's context_parallel\) is not wired in"),
         (1, dict(cp_backend="ulysses"), r"parallel\.cp_backend='ulysses' is not one of \['ring', 'allgather', 'native'\]"),
         (1, dict(timeout_s=0.0), r"parallel\.timeout_s=0\.0 must be > 0"),
     ],
@@ -281,7 +281,7 @@ def test_every_problem_is_reported_at_once() -> None:
         r"^model\.n_heads=6 is not divisible by parallel\.tp=4",
         r"^model\.n_kv_heads=6 is not divisible by parallel\.tp=4",
         r"^data\.seq_len=98 is longer than model\.max_seq_len=64",
-        r"^data\.seq_len=98 is not divisible by parallel\.tp=4",
+        r"^data\.seq_len=98 is not divisible by parallel\.tp=4 \(sequence parallel shards the sequence over tp\); nearest valid: \[96, 100\]",
         r"^data\.global_batch_size=7 is not divisible by the data-parallel size 2 .* = 2; nearest valid: \[6, 8\]",
     ]
     assert len(problems) == len(expected), problems
@@ -352,3 +352,22 @@ def test_good_pipeline_layouts(parallel: dict, layers: int) -> None:
     config = ParallelConfig(dp_shard=1, **parallel)
     dims = check_layout(config, config.pp, ModelConfig(**{**PP_MODEL, "n_layers": layers}), DataConfig(seq_len=32, global_batch_size=8))
     assert dims.pp == config.pp
+
+
+@pytest.mark.parametrize(
+    "parallel, seq_len, pattern",
+    [
+        (dict(cp=2, sequence_parallel=False), 30, r"seq_len=30 is not divisible by 2·cp=4 \(context parallel cuts each sequence into 2·cp chunks\); nearest valid: \[28, 32\]"),
+        (dict(cp=2, tp=2), 24, r"seq_len=24 is not divisible by 2·cp=4 × parallel\.tp=2 = 8 .*nearest valid: \[24, 32\]|seq_len=24"),
+        (dict(cp=2, tp=2), 20, r"seq_len=20 is not divisible by 2·cp=4 × parallel\.tp=2 = 8 \(context parallel .*; sequence parallel .*\); nearest valid: \[16, 24\]"),
+    ],
+)
+def test_seq_len_must_split_into_cp_chunks(parallel: dict, seq_len: int, pattern: str) -> None:
+    config = ParallelConfig(dp_shard=1, **parallel)
+    world = config.cp * config.tp
+    data = DataConfig(seq_len=seq_len, global_batch_size=8)
+    if seq_len % (2 * config.cp * (config.tp if config.sequence_parallel else 1)) == 0:
+        assert check_layout(config, world, ModelConfig(**OK_MODEL), data).cp == config.cp
+    else:
+        with pytest.raises(ValueError, match=pattern):
+            check_layout(config, world, ModelConfig(**OK_MODEL), data)

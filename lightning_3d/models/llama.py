@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +49,25 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def sequential_positions(seq: int, device: torch.device) -> Tensor:
+    return torch.arange(seq, device=device)[None]
+
+
 class Attention(nn.Module):
+    """Grouped-query attention with RoPE.
+
+    Context parallel replaces ``core_attention`` (q, k, v of shape (b, heads, s, head_dim) →
+    output) and ``default_positions`` (the positions of the tokens this rank holds).
+    """
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.core_attention: Callable[[Tensor, Tensor, Tensor], Tensor] = causal_attention
+        self.default_positions: Callable[[int, torch.device], Tensor] = sequential_positions
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
         self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
@@ -61,20 +78,16 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
         batch, seq, _ = x.shape
         if positions is None:
-            # here, after sequence parallel's all-gather, seq is the whole sequence
-            positions = torch.arange(seq, device=x.device)[None]
+            # here, after sequence parallel's all-gather, seq is all this rank's tokens
+            positions = self.default_positions(seq, x.device)
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
-        out = self.sdpa(q, k, v)
+        out = self.core_attention(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
-
-    def sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention; the one place context parallel swaps in its own kernel."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class FeedForward(nn.Module):

@@ -1,7 +1,7 @@
 """Apply every parallelism to a model, in one fixed order.
 
 meta-device model → pipeline split (keep only this rank's stages) → tensor/sequence
-parallel → [context parallel: later] → [activation checkpointing, torch.compile: later]
+parallel → context-parallel attention swap → [activation checkpointing, torch.compile: later]
 → FSDP2 per block, then the extra units, then the stage root → materialize the weights.
 
 Tensor parallel comes before FSDP2 because FSDP2 shards the already-TP-sharded DTensor
@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_3d.config import ParallelConfig
 from lightning_3d.dims import ParallelDims
+from lightning_3d.parallel.context_parallel import apply_context_parallel
 from lightning_3d.parallel.data_parallel import apply_data_parallel, mixed_precision_policy
 from lightning_3d.parallel.materialize import InitFn, has_meta_parameters, materialize
 from lightning_3d.parallel.pipeline_parallel import cut_stage, split_blocks, stages_of_rank
@@ -77,6 +78,9 @@ def parallelize(
             part.to(device)
         if dims.tp > 1:
             apply_tensor_parallel(part, plan, meshes["tp"])
+        if dims.cp > 1:
+            attention = [block.get_submodule(plan.attention) for block in blocks_of(part, plan)]
+            apply_context_parallel(part, attention, meshes["cp"].get_group(), config.cp_backend)
         apply_data_parallel(part, plan, meshes, dims, mixed_precision_policy(precision), reshard)
         if on_meta:
             materialize(part, plan.root, device, init_fn, seed)

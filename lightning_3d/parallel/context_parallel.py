@@ -16,6 +16,7 @@ Backends (``parallel.cp_backend``):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -227,3 +228,21 @@ class ContextParallelAttention(nn.Module):
         if self.backend == "ring":
             return RingAttention.apply(q, k, v, self.group, self.causal)
         return allgather_attention(q, k, v, self.group, self.causal)
+
+
+def apply_context_parallel(model: nn.Module, attention_modules: list[nn.Module], group: dist.ProcessGroup, backend: str) -> None:
+    """Swap each block's core attention for the cp version and make positions follow the chunks."""
+    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+    core = ContextParallelAttention(group, backend)
+    for attention in attention_modules:
+        if not (hasattr(attention, "core_attention") and hasattr(attention, "default_positions")):
+            raise TypeError(
+                f"context parallel needs the plan's attention module ({type(attention).__name__}) to expose "
+                "`core_attention(q, k, v)` and `default_positions(seq_len, device)`"
+            )
+        attention.core_attention = core
+        attention.default_positions = functools.partial(_positions, rank=rank, cp=cp)
+
+
+def _positions(local_len: int, device: torch.device, rank: int, cp: int) -> Tensor:
+    return balanced_positions(local_len, rank, cp, device)
