@@ -35,6 +35,7 @@ from lightning_3d.config import ParallelConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.parallel import parallelize
 from lightning_3d.loss import IGNORE_INDEX
+from lightning_3d.parallel.context_parallel import shard_sequence
 from lightning_3d.parallel.grad_clip import clip_grad_norm_
 from lightning_3d.parallel.pipeline_parallel import PipelineLoss, build_schedules, num_microbatches
 from lightning_3d.plans.base import ParallelPlan
@@ -319,21 +320,35 @@ class ModelParallel4DStrategy(ParallelStrategy):
     def _loss_parallel_context(self) -> AbstractContextManager:
         return loss_parallel() if self.parallel.loss_parallel and self.dims.tp > 1 else nullcontext()
 
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self.dims.pp > 1:
-            with self.precision_plugin.train_step_context():
-                return self._pipeline_step(args[0], args[1], "train")
-        with self._loss_parallel_context():
-            return super().training_step(*args, **kwargs)
+    def _shard_for_context_parallel(self, batch: Any) -> Any:
+        """This cp rank's two sequence chunks of every (batch, seq, ...) tensor of the batch."""
+        if self.dims.cp == 1:
+            return batch
+        if not isinstance(batch, dict):
+            raise TypeError(f"context parallel shards dict batches along dim 1; got a {type(batch).__name__}")
+        rank = self.meshes["cp"].get_local_rank()
+        return {
+            key: shard_sequence(value, rank, self.dims.cp) if isinstance(value, Tensor) and value.ndim >= 2 else value
+            for key, value in batch.items()
+        }
 
     @override
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+    def training_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        batch = self._shard_for_context_parallel(batch)
+        if self.dims.pp > 1:
+            with self.precision_plugin.train_step_context():
+                return self._pipeline_step(batch, batch_idx, "train")
+        with self._loss_parallel_context():
+            return super().training_step(batch, batch_idx, *args, **kwargs)
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        batch = self._shard_for_context_parallel(batch)
         if self.dims.pp > 1:
             with self.precision_plugin.val_step_context():
-                return self._pipeline_step(args[0], args[1], "val")
+                return self._pipeline_step(batch, batch_idx, "val")
         with self._loss_parallel_context():
-            return super().validation_step(*args, **kwargs)
+            return super().validation_step(batch, batch_idx, *args, **kwargs)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:

@@ -45,6 +45,8 @@ TWO_RANKS = {
     "interleaved_zero_bubble_pp2": DEBUG + pp(2, "interleaved_zero_bubble", 2) + ["parallel.dp_shard=1"],
     "zbv_pp2": DEBUG + pp(2, "zbv", 2) + ["parallel.dp_shard=1"],
     "dualpipev_pp2": DEBUG + pp(2, "dualpipev", 2) + ["parallel.dp_shard=1"],
+    "cp2_ring": DEBUG + ["parallel.cp=2", "parallel.dp_shard=1"],
+    "cp2_allgather": DEBUG + ["parallel.cp=2", "parallel.dp_shard=1", "parallel.cp_backend=allgather"],
     "dp_shard2_bf16_mixed": DEBUG + ["parallel.dp_shard=2", "trainer.precision=bf16-mixed"],
     "tp2_bf16_true": DEBUG + ["parallel.tp=2", "trainer.precision=bf16-true"],
 }
@@ -62,9 +64,13 @@ FOUR_RANKS = {
     + pp(2, "1f1b")
     + ["parallel.dp_shard=2", "data.global_batch_size=16", "trainer.accumulate_grad_batches=2"],
     "dp_shard4_accumulate2_batch16": DEBUG + ["parallel.dp_shard=4", "data.global_batch_size=16", "trainer.accumulate_grad_batches=2"],
+    "cp4_ring": DEBUG + ["parallel.cp=4", "parallel.dp_shard=1"],
+    "cp2_tp2": DEBUG + ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"],
 }
 EIGHT_RANKS = {
     "interleaved_1f1b_dp_shard2_tp2_pp2": DEBUG + pp(2, "interleaved_1f1b", 2) + ["parallel.dp_shard=2", "parallel.tp=2"],
+    "cp2_tp2_pp2": DEBUG + pp(2, "1f1b") + ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"],
+    "dp_shard2_cp2_pp2": DEBUG + pp(2, "1f1b") + ["parallel.cp=2", "parallel.dp_shard=2"],
     "1f1b_hsdp2_tp2_pp2": DEBUG + pp(2, "1f1b") + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.tp=2"],
 }
 TWO_NODES = {"two_nodes_hsdp2x2": DEBUG + ["parallel.dp_replicate=2", "parallel.dp_shard=2"]}
