@@ -169,8 +169,8 @@ class RingAttention(torch.autograd.Function):
         own_ids = chunk_ids(ring.rank, ring.size)
         d_q = [torch.zeros_like(c, dtype=torch.float32) for c in q_chunks]
         kv = [k, v]
-        # dK/dV of the K/V currently held, travelling with them (repeated-head layout, fp32)
-        d_kv = [torch.zeros(*k.shape[:1], k.shape[1] * groups, *k.shape[2:], dtype=torch.float32, device=k.device) for _ in range(2)]
+        # dK/dV of the K/V currently held, travelling with them (K/V-head layout, fp32)
+        d_kv = [torch.zeros_like(k, dtype=torch.float32) for _ in range(2)]
         for step in range(ring.size):
             pending_kv = ring.start(kv, tag=0) if step < ring.size - 1 else None
             source = (ring.rank - step) % ring.size
@@ -186,15 +186,16 @@ class RingAttention(torch.autograd.Function):
                         lse_chunks[qi], delta_chunks[qi], scale, kind == "diagonal",
                     )
                     d_q[qi] += dq
-                    d_k_chunks[ki] += dk
-                    d_v_chunks[ki] += dv
+                    # fold the query-head groups before the gradient rides the ring
+                    d_k_chunks[ki] += _sum_groups(dk, groups)
+                    d_v_chunks[ki] += _sum_groups(dv, groups)
             d_kv = [torch.cat(d_k_chunks, dim=2), torch.cat(d_v_chunks, dim=2)]
             # the accumulators follow their K/V; one more hop after the last step brings
             # each back to the rank that owns it
             d_kv = _Ring.finish(ring.start(d_kv, tag=1))
             if pending_kv is not None:
                 kv = _Ring.finish(pending_kv)
-        d_k, d_v = (_sum_groups(t, groups).to(k.dtype) for t in d_kv)
+        d_k, d_v = (t.to(k.dtype) for t in d_kv)
         return torch.cat(d_q, dim=2).to(q.dtype), d_k, d_v, None, None
 
 
