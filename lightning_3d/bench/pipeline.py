@@ -35,6 +35,7 @@ from torch.distributed.pipelining.schedules import (
     _Action,
 )
 
+from lightning_3d.bench.memory import SavedTensorBytes
 from lightning_3d.config import ModelConfig, ParallelConfig
 from lightning_3d.models.llama import Transformer, init_parameter
 from lightning_3d.parallel.materialize import materialize
@@ -151,28 +152,6 @@ def bubble_table(pp: int, microbatches: int) -> str:
 # ----------------------------------------------------------------------------- activation memory
 
 
-class _SavedBytes:
-    """Counts bytes autograd keeps for backward; the peak is what a schedule costs in memory."""
-
-    def __init__(self) -> None:
-        self.live = 0
-        self.peak = 0
-
-    def pack(self, tensor: torch.Tensor) -> "_Held":
-        return _Held(self, tensor)
-
-
-class _Held:
-    def __init__(self, counter: _SavedBytes, tensor: torch.Tensor) -> None:
-        self.counter, self.tensor = counter, tensor
-        self.size = tensor.numel() * tensor.element_size()
-        counter.live += self.size
-        counter.peak = max(counter.peak, counter.live)
-
-    def __del__(self) -> None:  # freed with the autograd graph of its microbatch
-        self.counter.live -= self.size
-
-
 def _memory_worker(out: Path, microbatches: int) -> None:
     dist.init_process_group("gloo")
     rank, pp = dist.get_rank(), dist.get_world_size()
@@ -189,8 +168,8 @@ def _memory_worker(out: Path, microbatches: int) -> None:
         materialize(stage, "model", torch.device("cpu"), lambda n, t, g: init_parameter(config, n.removeprefix("model."), t, g), 0)
         train, _ = build_schedules([(index, stage)], pp, schedule, microbatches, torch.device("cpu"), dist.group.WORLD, PipelineLoss())
         tokens = torch.randint(0, 256, (microbatches * 2, 128), generator=torch.Generator().manual_seed(0))
-        counter = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda held: held.tensor):
+        counter = SavedTensorBytes()
+        with counter:
             train.step(*((tokens,) if index == 0 else ()), target=tokens if index == pp - 1 else None)
         peaks[schedule] = counter.peak
     gathered = [None] * pp
