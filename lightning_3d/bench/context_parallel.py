@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from lightning_3d.bench.launch import run_workers
 from lightning_3d.bench.memory import SavedTensorBytes
 from lightning_3d.config import ModelConfig
 from lightning_3d.models.llama import Transformer
@@ -98,15 +95,6 @@ def _worker(out: Path, seq: int) -> None:
     dist.destroy_process_group()
 
 
-def _run(cp: int, seq: int) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cp),
-                   "-m", "lightning_3d.bench.context_parallel", "--worker", str(out), "--seq", str(seq)]
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
-        return json.loads(out.read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=1024, help="global sequence length")
@@ -116,7 +104,7 @@ def main() -> None:
         _worker(args.worker, args.seq)
         return
     print(f"## Causal attention work per rank, sequence {args.seq}\n\n{balance_table(args.seq)}\n")
-    runs = {cp: _run(cp, args.seq) for cp in (1, 2, 4)}
+    runs = {cp: run_workers("lightning_3d.bench.context_parallel", cp, "--seq", str(args.seq)) for cp in (1, 2, 4)}
     print(f"## Bytes sent per rank in one attention layer (ring; b={BATCH}, s={args.seq}, n_kv={KV_HEADS}, d_h={HEAD_DIM}, fp32)\n")
     print("| cp | forward measured | forward analytic 2·b·s·n_kv·d_h·(c−1)/c | backward measured | backward analytic (K/V again + dK/dV one full lap) |")
     print("|---|---|---|---|---|")

@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +31,7 @@ from torch.distributed.pipelining.schedules import (
     _Action,
 )
 
+from lightning_3d.bench.launch import run_workers
 from lightning_3d.bench.memory import SavedTensorBytes
 from lightning_3d.config import ModelConfig, ParallelConfig
 from lightning_3d.models.llama import Transformer, init_parameter
@@ -180,12 +177,7 @@ def _memory_worker(out: Path, microbatches: int) -> None:
 
 
 def memory_table(pp: int, microbatches: int) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "memory.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(pp),
-                   "-m", "lightning_3d.bench.pipeline", "--memory-worker", str(out), "--microbatches", str(microbatches)]
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
-        peaks = json.loads(out.read_text())
+    peaks = run_workers("lightning_3d.bench.pipeline", pp, "--microbatches", str(microbatches))
     rows = [
         "| stage | GPipe peak saved MB | 1F1B peak saved MB | GPipe / 1F1B | textbook m / min(m, p−s) |",
         "|---|---|---|---|---|",
@@ -203,10 +195,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pp", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--memory-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_worker:
-        _memory_worker(args.memory_worker, args.microbatches)
+    if args.worker:
+        _memory_worker(args.worker, args.microbatches)
         return
     print(f"## Idle fraction, pp={args.pp}, {args.microbatches} microbatches\n\n{bubble_table(args.pp, args.microbatches)}\n")
     print(f"## Activation memory per stage, pp={args.pp}, {args.microbatches} microbatches of 2 × 128 tokens\n")
