@@ -86,8 +86,8 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> tuple[DeviceMesh, dict[str, DeviceMesh]]:
         """One mesh over all ranks, and a view for every name the parallelisms use.
 
-        Views: the five dims, the flattened ``dp``, ``fsdp``, ``loss``, and ``hsdp``
-        (dp_replicate, fsdp) — the 2-D mesh FSDP2 shards on when dp_replicate > 1.
+        Views: the five dims, the flattened ``dp``, ``fsdp``, ``loss``, and, only when
+        dp_replicate > 1, ``hsdp`` (dp_replicate, fsdp) — the 2-D mesh FSDP2 shards on.
         Flattened views are kept here because torch wants them bookkept, not re-sliced.
         """
         mesh = init_device_mesh(device_type, tuple(getattr(self, name) for name in MESH_DIMS), mesh_dim_names=MESH_DIMS)
@@ -95,5 +95,7 @@ class ParallelDims:
         views["dp"] = mesh["dp_replicate", "dp_shard"]._flatten("dp")
         views["fsdp"] = mesh["dp_shard", "cp"]._flatten("fsdp")
         views["loss"] = mesh["dp_replicate", "dp_shard", "cp"]._flatten("loss")
-        views["hsdp"] = mesh["dp_replicate", "dp_shard"] if self.cp == 1 else mesh["dp_replicate", "fsdp"]
+        if self.dp_replicate > 1:
+            # with cp > 1 this re-slices the flattened fsdp dim (torch warns); built only when used
+            views["hsdp"] = mesh["dp_replicate", "dp_shard"] if self.cp == 1 else mesh["dp_replicate", "fsdp"]
         return mesh, views
