@@ -19,6 +19,18 @@ def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
     return summed.to_local() if isinstance(summed, DTensor) else summed
 
 
+def sum_over(tensor: Tensor, mesh: DeviceMesh | None) -> Tensor:
+    """Sum ``tensor`` in place over the ranks of ``mesh`` (nothing to do for one rank or none)."""
+    if mesh is not None and mesh.size() > 1:
+        dist.all_reduce(tensor, group=mesh.get_group())
+    return tensor
+
+
+def count_tokens(labels: Tensor) -> Tensor:
+    """Non-ignored tokens, as float64 so that counts of large global batches stay exact."""
+    return (labels != IGNORE_INDEX).sum().double()
+
+
 def token_weighted_loss(logits: Tensor, labels: Tensor, loss_mesh: DeviceMesh | None) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(loss_to_backward, global_mean_loss, global_token_count)``.
 
@@ -29,12 +41,8 @@ def token_weighted_loss(logits: Tensor, labels: Tensor, loss_mesh: DeviceMesh | 
     gradient of the global mean.
     """
     summed = cross_entropy_sum(logits, labels)
-    # float64: token counts of large global batches stay exact
-    counts = torch.stack([(labels != IGNORE_INDEX).sum().double(), summed.detach().double()])
-    mesh_size = 1
-    if loss_mesh is not None and loss_mesh.size() > 1:
-        dist.all_reduce(counts, group=loss_mesh.get_group())
-        mesh_size = loss_mesh.size()
-    tokens, global_sum = counts[0], counts[1]
+    # one collective for both the token count and the loss sum
+    tokens, global_sum = sum_over(torch.stack([count_tokens(labels), summed.detach().double()]), loss_mesh)
+    mesh_size = loss_mesh.size() if loss_mesh is not None else 1
     denominator = tokens.clamp(min=1)
     return summed * (mesh_size / denominator).to(summed.dtype), (global_sum / denominator).float(), tokens

@@ -34,7 +34,7 @@ from typing_extensions import override
 from lightning_3d.config import ParallelConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.parallel import parallelize
-from lightning_3d.loss import IGNORE_INDEX
+from lightning_3d.loss import count_tokens, sum_over
 from lightning_3d.parallel.context_parallel import shard_sequence
 from lightning_3d.parallel.grad_clip import clip_grad_norm_
 from lightning_3d.parallel.pipeline_parallel import PipelineLoss, build_schedules, num_microbatches
@@ -100,7 +100,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
 
     @property
     def meshes(self) -> dict[str, "DeviceMesh"]:
-        """Views of the mesh by name: pp, dp_replicate, dp_shard, cp, tp, dp, fsdp, loss, hsdp."""
+        """Views of the mesh by name: pp, dp_replicate, dp_shard, cp, tp, dp, fsdp, loss (and hsdp with dp_replicate > 1)."""
         if not self._meshes:
             raise RuntimeError("the device mesh is built in setup_environment(); it does not exist yet")
         return self._meshes
@@ -287,9 +287,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         module = self.lightning_module
         inputs, labels = module.pipeline_batch(batch)
         loss_mesh = self.meshes["loss"]
-        tokens = (labels != IGNORE_INDEX).sum().double()
-        if loss_mesh.size() > 1:
-            dist.all_reduce(tokens, group=loss_mesh.get_group())
+        tokens = sum_over(count_tokens(labels), loss_mesh)
         trainer = module.trainer
         accumulate = trainer.accumulate_grad_batches if stage == "train" else 1
         if stage == "train" and batch_idx % accumulate == 0:  # first batch of an optimizer step
@@ -309,9 +307,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         mean = torch.zeros((), dtype=torch.float64, device=self.root_device)
         if self._holds_last_stage:
             mean += torch.stack(losses).detach().double().sum() * accumulate / loss_mesh.size()
-        if loss_mesh.size() > 1:
-            dist.all_reduce(mean, group=loss_mesh.get_group())
-        dist.all_reduce(mean, group=self.meshes["pp"].get_group())
+        sum_over(sum_over(mean, loss_mesh), self.meshes["pp"])
         global_loss = mean.float()
         module.record_loss(stage, global_loss, tokens)
         return global_loss
