@@ -295,13 +295,21 @@ def test_sampler_epochs_differ_when_shuffled() -> None:
     assert list(unshuffled) == before
 
 
-def test_sampler_start_batch_and_max_batches() -> None:
+def test_sampler_resume_and_max_batches() -> None:
     full = list(GlobalOrderSampler(100, 8, 4, 2, shuffle=True, seed=1))
-    resumed = GlobalOrderSampler(100, 8, 4, 2, shuffle=True, seed=1, start_batch=5)
+    resumed = GlobalOrderSampler(100, 8, 4, 2, shuffle=True, seed=1)
+    resumed.resume_at(epoch=0, batch=5)
     assert list(resumed) == full[5 * 2 :]
-    assert len(resumed) == (12 - 5) * 2
-    resumed.start_batch = 12
-    assert list(resumed) == [] and len(resumed) == 0
+    assert len(resumed) == 12 * 2  # Lightning counts the skipped batches as done
+    resumed.set_epoch(1)  # the next epoch starts at its beginning
+    next_epoch = GlobalOrderSampler(100, 8, 4, 2, shuffle=True, seed=1)
+    next_epoch.set_epoch(1)
+    assert list(resumed) == list(next_epoch)
+    resumed.set_epoch(0)
+    resumed.resume_at(epoch=0, batch=12)
+    assert list(resumed) == []
+    with pytest.raises(ValueError, match="batch -1"):
+        resumed.resume_at(0, -1)
     capped = GlobalOrderSampler(100, 8, 4, 2, shuffle=False, seed=1, max_batches=3)
     assert list(capped) == [4, 5, 12, 13, 20, 21]
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import lightning
 import numpy as np
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_3d.config import DataConfig
 from lightning_3d.data.dataset import TokenWindowDataset
@@ -24,6 +25,9 @@ class TextDataModule(lightning.LightningDataModule):
     The data-parallel size and rank come from the trainer's strategy
     (``distributed_sampler_kwargs``), so tensor/context/pipeline-parallel ranks of one
     data-parallel group get the same batch.
+
+    Its checkpoint state is the data position in global samples (layout-independent): a
+    resume on any number of data-parallel ranks continues at the same sample.
     """
 
     def __init__(self, config: DataConfig, vocab_size: int, seed: int = 0) -> None:
@@ -34,6 +38,7 @@ class TextDataModule(lightning.LightningDataModule):
         self._splits: Optional[tuple[np.ndarray, np.ndarray]] = None
         self.train_dataset: Optional[TokenWindowDataset] = None
         self.val_dataset: Optional[TokenWindowDataset] = None
+        self._resume_position: Optional[dict[str, int]] = None
 
     # ------------------------------------------------------------------ parallel layout
 
@@ -84,7 +89,40 @@ class TextDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train_dataset, _ = self._datasets()
-        return self._loader(train_dataset, self.micro_batch_size, shuffle=self.config.shuffle, max_batches=None)
+        loader = self._loader(train_dataset, self.micro_batch_size, shuffle=self.config.shuffle, max_batches=None)
+        if self._resume_position is not None:
+            samples = self._resume_position["samples_in_epoch"]
+            if samples % self.micro_batch_size:
+                raise ValueError(
+                    f"cannot resume at sample {samples} of the epoch with batches of {self.micro_batch_size} sequences "
+                    f"(global_batch_size {self.config.global_batch_size} / accumulate_grad_batches {self.accumulate_grad_batches})"
+                )
+            loader.sampler.resume_at(self._resume_position["epoch"], samples // self.micro_batch_size)
+        return loader
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data stands: the epoch and the global samples done in it."""
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {
+            "epoch": self.trainer.current_epoch,
+            "samples_in_epoch": done * self.micro_batch_size,
+            "global_batch_size": self.config.global_batch_size,
+            "seed": self.seed,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if state_dict["seed"] != self.seed:
+            raise ValueError(
+                f"the checkpoint's data order comes from seed {state_dict['seed']}, this run has seed {self.seed}: "
+                "the resumed run would not continue the same sample order"
+            )
+        self._resume_position = {"epoch": int(state_dict["epoch"]), "samples_in_epoch": int(state_dict["samples_in_epoch"])}
 
     def val_dataloader(self) -> DataLoader:
         _, val_dataset = self._datasets()

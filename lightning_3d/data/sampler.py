@@ -25,8 +25,10 @@ class GlobalOrderSampler(DistributedSampler):
 
     It subclasses :class:`DistributedSampler` only so that Lightning keeps it rather than
     putting its own distributed sampler in its place; none of the parent's logic is used.
-    ``start_batch`` (settable) skips the first global batches of the epoch, for resuming;
-    it is not reset by :meth:`set_epoch`, so whoever sets it resets it for the next epoch.
+
+    Resuming: :meth:`resume_at` makes epoch ``e`` start at global batch ``b``. The length
+    stays the whole epoch's, because Lightning restores its own count of the batches
+    already done in the epoch and stops after ``len`` batches in all.
     """
 
     def __init__(
@@ -38,7 +40,6 @@ class GlobalOrderSampler(DistributedSampler):
         shuffle: bool,
         seed: int,
         max_batches: Optional[int] = None,
-        start_batch: int = 0,
         *,
         name: str = "dataset",
         seq_len: Optional[int] = None,
@@ -66,29 +67,30 @@ class GlobalOrderSampler(DistributedSampler):
         self.global_batch = global_batch
         self.per_rank_batch = global_batch // num_replicas
         self.max_batches = max_batches
-        self.start_batch = start_batch
+        self.resume_epoch, self.resume_batch = 0, 0
         self.name = name
         # range() stands in for the dataset: the parent only needs its length.
         super().__init__(range(dataset_len), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
 
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Start epoch ``epoch`` at global batch ``batch`` (the batches before it were trained on)."""
+        if epoch < 0 or batch < 0:
+            raise ValueError(f"cannot resume at epoch {epoch}, batch {batch}: both must be >= 0")
+        self.resume_epoch, self.resume_batch = epoch, batch
+
     @property
     def start_batch(self) -> int:
-        return self._start_batch
-
-    @start_batch.setter
-    def start_batch(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"start_batch={value} must be >= 0")
-        self._start_batch = value
+        """First global batch of the current epoch."""
+        return self.resume_batch if self.epoch == self.resume_epoch else 0
 
     @property
     def num_global_batches(self) -> int:
-        """Complete global batches per epoch (after the ``max_batches`` cap, before ``start_batch``)."""
+        """Complete global batches per epoch (after the ``max_batches`` cap)."""
         complete = self.dataset_len // self.global_batch
         return complete if self.max_batches is None else min(complete, self.max_batches)
 
-    # The parent assigns these in its __init__; as properties they stay true to what is yielded
-    # (also after start_batch changes), and the parent's assignments are ignored.
+    # The parent assigns these in its __init__; as properties they follow max_batches, and the
+    # parent's assignments are ignored.
     @property
     def num_samples(self) -> int:
         return len(self)
@@ -121,4 +123,4 @@ class GlobalOrderSampler(DistributedSampler):
             yield from order[start : start + self.per_rank_batch].tolist()
 
     def __len__(self) -> int:
-        return max(0, self.num_global_batches - self.start_batch) * self.per_rank_batch
+        return self.num_global_batches * self.per_rank_batch
