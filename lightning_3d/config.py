@@ -8,6 +8,7 @@ value of the wrong type is an error that names it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 
@@ -28,6 +29,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # start from these weights instead of random ones: a .safetensors file or a folder of them,
+    # as written by `python -m lightning_3d.export`, or a Hugging Face Llama checkpoint
+    init_from: Optional[str] = None
 
     @property
     def kv_heads(self) -> int:
@@ -143,6 +147,16 @@ class TrainerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded checkpoints: ``step-<N>`` folders written with torch.distributed.checkpoint."""
+
+    dir: Optional[str] = None  # None: <run_dir>/checkpoints
+    every_n_steps: Optional[int] = None  # None: no checkpoints
+    keep_last: int = 3  # newest complete checkpoints kept; older ones are deleted
+    async_save: bool = False  # write in the background; the loop waits only for the copy to CPU memory
+
+
+@dataclass
 class Config:
     """The whole experiment, as composed by Hydra from ``conf/`` and ``recipes/``."""
 
@@ -151,5 +165,11 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: Optional[str] = None  # a step-<N> folder, or "auto": the latest complete one in checkpoint.dir
     seed: int = 1234
     run_dir: str = "."  # set by Hydra to its run directory
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(Path(self.run_dir) / "checkpoints")

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_3d.config import ModelConfig, OptimConfig, ParallelConfig
 from lightning_3d.loss import token_weighted_loss
-from lightning_3d.models.llama import Transformer, init_parameter
+from lightning_3d.models.llama import PretrainedWeights, Transformer, init_parameter
 from lightning_3d.plans import ParallelPlan, llama_plan
 
 # The logged losses are already global (identical on every rank); syncing them is not needed.
@@ -49,6 +49,8 @@ class CausalLM(L.LightningModule):
         # losses arrive already global (the same on every rank): no metric sync needed
         self.train_loss = MeanMetric(sync_on_compute=False)
         self.val_loss = MeanMetric(sync_on_compute=False)
+        # checked now, before any process group: a file that does not fit fails fast
+        self.pretrained = PretrainedWeights(model) if model.init_from else None
 
     @override
     def configure_model(self) -> None:
@@ -59,7 +61,11 @@ class CausalLM(L.LightningModule):
         return llama_plan(self.model_config, parallel, root="model")
 
     def init_parameter(self, name: str, full: Tensor, generator: torch.Generator) -> None:
-        init_parameter(self.model_config, name.removeprefix("model."), full, generator)
+        name = name.removeprefix("model.")
+        if self.pretrained is not None:
+            full.copy_(self.pretrained.tensor(name))
+        else:
+            init_parameter(self.model_config, name, full, generator)
 
     def _loss_mesh(self) -> Optional[DeviceMesh]:
         # the loss is reduced over dp × cp; other strategies have no such view: local loss

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import time
+from collections.abc import Generator, Mapping
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import fields, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
@@ -19,18 +23,44 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import ReduceOp
+from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_3d.checkpoint import (
+    MODEL_KEY,
+    RNG_DIR,
+    SafeLoadPlanner,
+    SafeReader,
+    TRAINER_STATE,
+    canonical_names,
+    fit_problems,
+    load_trainer_state,
+    local_names,
+    raise_if_problems,
+    remove_folder,
+    rng_file,
+    rng_state,
+    set_rng_state,
+    write_atomically,
+)
 from lightning_3d.config import ParallelConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.parallel import parallelize
@@ -45,6 +75,8 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 _PARALLEL_FIELDS = tuple(f.name for f in fields(ParallelConfig))
+# optimizer states are saved flattened (one entry per parameter), which is what lets DCP reshard them
+_FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class ModelParallel4DStrategy(ParallelStrategy):
@@ -56,6 +88,8 @@ class ModelParallel4DStrategy(ParallelStrategy):
         init_seed: seed of the initial weights, drawn per parameter name so that every
             layout starts from the same full model.
         process_group_backend: ``gloo`` / ``nccl``; default from the device.
+        async_save: write checkpoints in a background thread; the loop is blocked only while
+            the states are copied to CPU memory.
 
     The LightningModule creates its model in ``configure_model()`` (run on the meta
     device), returns a :class:`ParallelPlan` from ``parallel_plan(parallel_config)`` and
@@ -71,6 +105,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         *,
         init_seed: int = 0,
         process_group_backend: Optional[str] = None,
+        async_save: bool = False,
         **parallel_options: Any,
     ) -> None:
         super().__init__()
@@ -84,6 +119,13 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._device_mesh: Optional[DeviceMesh] = None
         self._meshes: dict[str, DeviceMesh] = {}
         self.num_nodes = 1
+        self.async_save = async_save
+        self._plan_root = ""
+        self._checkpoint_group: Optional[dist.ProcessGroup] = None
+        self._pending_save: Optional[Future] = None
+        self._pending_removals: list[Path] = []
+        self.save_blocked_s: list[float] = []  # seconds each save held up the training loop
+        self.load_s: Optional[float] = None  # seconds the last checkpoint load took
 
     # ------------------------------------------------------------------ layout
     @property
@@ -167,12 +209,6 @@ class ModelParallel4DStrategy(ParallelStrategy):
         module = self.lightning_module
         trainer = module.trainer if module is not None else None
         # Validate before any process group exists, so a bad layout never hangs.
-        if trainer is not None and trainer.checkpoint_callbacks:
-            # sharded save/resume is not implemented yet: refuse now rather than at the first save
-            raise ValueError(
-                f"{type(self).__name__} cannot save checkpoints yet; pass Trainer(enable_checkpointing=False) "
-                f"and no ModelCheckpoint callback (found {len(trainer.checkpoint_callbacks)})"
-            )
         if module is not None and self.parallel.pp > 1:
             missing = [hook for hook in ("pipeline_batch", "record_loss") if not hasattr(module, hook)]
             if missing:
@@ -203,6 +239,9 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._device_mesh, self._meshes = self._dims.build_mesh(self.root_device.type)
         if module is not None:
             module._device_mesh = self._device_mesh
+        if self.async_save:
+            # the background save runs collectives while training runs its own: separate group
+            self._checkpoint_group = dist.new_group(backend="gloo")
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -224,6 +263,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         plan = self._resolve_plan(module)
+        self._plan_root = plan.root
         self.model = self.precision_plugin.convert_module(self.model)
         stages = parallelize(
             module,
@@ -351,6 +391,127 @@ class ModelParallel4DStrategy(ParallelStrategy):
         with self._loss_parallel_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
+    # ------------------------------------------------------------------ checkpoints
+    def _canonical(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        return canonical_names(state, self._plan_root, self.dims.pp > 1)
+
+    def _layout(self) -> dict[str, Any]:
+        """What must match for RNG states to be restored rank by rank."""
+        dims = self.dims
+        return {
+            "world_size": self.world_size,
+            "dims": [dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp],
+            "stages_per_rank": self.parallel.stages_per_rank,
+            "pp_schedule": self.parallel.pp_schedule if dims.pp > 1 else None,
+        }
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's shards of the model, under the unsplit model's parameter names."""
+        return self._canonical(get_model_state_dict(self.lightning_module))
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """This rank's shards of the optimizer state, flattened per parameter name."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer → torch optimizer
+        return self._canonical(get_optimizer_state_dict(self.lightning_module, optimizer, options=_FLAT_OPTIMIZER))
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+        """Write the folder ``filepath``: DCP shards from every rank, then the trainer state and RNG
+        states, then DCP's metadata last, so that an interrupted save is never taken for a checkpoint."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options (it writes with DCP)")
+        path = Path(self.broadcast(str(filepath)))  # rank 0 names the folder for everyone
+        self._finish_pending_save()
+        if self.is_global_zero and path.exists():
+            remove_folder(path)  # an interrupted save of the same step, or a file in the way
+        self.barrier()
+        (path / RNG_DIR).mkdir(parents=True, exist_ok=True)
+        tensors = {MODEL_KEY: checkpoint.pop(MODEL_KEY)}
+        tensors.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
+        checkpoint["layout"] = self._layout()
+        checkpoint["model_root"] = self._plan_root
+        started = time.perf_counter()
+        torch.save(rng_state(), rng_file(path, self.global_rank))
+        if self.is_global_zero:
+            write_atomically(checkpoint, path / TRAINER_STATE)
+        writer = FileSystemWriter(path)
+        if self.async_save:
+            # returns once the states are staged in CPU memory; DCP writes .metadata when every rank is done
+            self._pending_save = dcp.async_save(tensors, storage_writer=writer, process_group=self._checkpoint_group)
+        else:
+            dcp.save(tensors, storage_writer=writer)
+        self.save_blocked_s.append(time.perf_counter() - started)
+
+    def _finish_pending_save(self) -> None:
+        """Wait for a background save, then delete what was waiting for it to complete."""
+        if self._pending_save is not None:
+            self._pending_save.result()
+            self._pending_save = None
+        if self.is_global_zero:
+            for path in self._pending_removals:
+                remove_folder(path)
+        self._pending_removals.clear()
+
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        # never delete an older checkpoint while the newer one is still being written
+        if self._pending_save is not None:
+            self._pending_removals.append(Path(filepath))
+        elif self.is_global_zero:
+            remove_folder(filepath)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Read the model (and, when fitting, the optimizer) states in place, resharded to this
+        layout; return the rest of the checkpoint for Lightning to restore."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        self._finish_pending_save()
+        started = time.perf_counter()
+        module = self.lightning_module
+        model_state = get_model_state_dict(module)
+        tensors: dict[str, Any] = {MODEL_KEY: self._canonical(model_state)}
+        self._check_checkpoint_fits(path, tensors[MODEL_KEY])
+        trainer_state = load_trainer_state(path)
+        optimizers = self.optimizers if module.trainer.state.fn == TrainerFn.FITTING else []
+        optimizer_keys = []
+        for index, optimizer in enumerate(optimizers):
+            state = get_optimizer_state_dict(module, optimizer, options=_FLAT_OPTIMIZER)
+            optimizer_keys.append(list(state))
+            tensors[f"optimizer_{index}"] = self._canonical(state)
+        try:
+            dcp.load(tensors, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        except CheckpointException as error:
+            raise ValueError(f"checkpoint {path} could not be read (corrupted shard?): {error}") from error
+        pipelined = self.dims.pp > 1
+        set_model_state_dict(module, local_names(tensors[MODEL_KEY], model_state, self._plan_root, pipelined))
+        for index, (optimizer, keys) in enumerate(zip(optimizers, optimizer_keys)):
+            state = local_names(tensors[f"optimizer_{index}"], keys, self._plan_root, pipelined)
+            set_optimizer_state_dict(module, optimizer, state, options=_FLAT_OPTIMIZER)
+        if trainer_state.get("layout") == self._layout():
+            set_rng_state(torch.load(rng_file(path, self.global_rank), weights_only=True))
+        else:
+            rank_zero_info(f"RNG states not restored: the checkpoint was written by layout {trainer_state.get('layout')}")
+        self.load_s = time.perf_counter() - started
+        return trainer_state
+
+    def _check_checkpoint_fits(self, path: Path, model_state: Mapping[str, Any]) -> None:
+        """The same verdict on every rank (shapes are gathered first), so a checkpoint that does
+        not fit fails everywhere instead of hanging the ranks whose own part fits."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, {name: tuple(tensor.shape) for name, tensor in model_state.items()})
+        shapes = {name: shape for rank_shapes in gathered for name, shape in rank_shapes.items()}
+        raise_if_problems(f"checkpoint {path} does not fit this model", fit_problems(path, shapes))
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # load_checkpoint() already read the model state in place
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # load_checkpoint() already read the optimizer state in place
+
     # ------------------------------------------------------------------ collectives
     @override
     def barrier(self, name: Optional[str] = None) -> None:
@@ -380,6 +541,8 @@ class ModelParallel4DStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
+        if _distributed_is_initialized():
+            self._finish_pending_save()
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()

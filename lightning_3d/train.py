@@ -21,9 +21,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_3d.callbacks.checkpoint import StepCheckpoint
 from lightning_3d.callbacks.summary import RunSummary
+from lightning_3d.checkpoint import fit_problems, raise_if_problems, resolve_resume
 from lightning_3d.config import Config
 from lightning_3d.data import TextDataModule
+from lightning_3d.models.llama import Transformer
 from lightning_3d.module import CausalLM
 from lightning_3d.strategy import ModelParallel4DStrategy
 from lightning_3d.validation import check_layout
@@ -69,11 +72,37 @@ def world_size_of(config: Config) -> int:
     return devices * config.trainer.num_nodes
 
 
+def checkpoint_callback(config: Config) -> Optional[StepCheckpoint]:
+    ckpt = config.checkpoint
+    if ckpt.keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last={ckpt.keep_last} must be >= 1 (the newest checkpoint is always kept)")
+    if ckpt.every_n_steps is None:
+        return None
+    return StepCheckpoint(config.checkpoint_dir, ckpt.every_n_steps, ckpt.keep_last)
+
+
+def resume_path(config: Config) -> Optional[str]:
+    """The checkpoint ``trainer.fit`` resumes from (``resume=auto``: the latest complete one, or none)."""
+    return resolve_resume(config.resume, config.checkpoint_dir)
+
+
+def check_resume(config: Config) -> None:
+    """A resume checkpoint that is missing, incomplete, truncated or shaped for another model
+    fails here, before any process starts."""
+    path = resume_path(config)
+    if path is not None:
+        with torch.device("meta"):
+            shapes = {f"model.{name}": t.shape for name, t in Transformer(config.model).state_dict().items()}
+        raise_if_problems(f"resume={path} does not fit model config", fit_problems(path, shapes))
+
+
 def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L.Trainer, CausalLM, TextDataModule]:
     """Everything a run needs, checked up front; shared by the CLI and the tests."""
     check_layout(
         config.parallel, world_size_of(config), config.model, config.data, config.trainer.accumulate_grad_batches
     )
+    check_resume(config)
+    checkpointing = checkpoint_callback(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     tcfg = config.trainer
     if tcfg.accelerator == "cpu":
@@ -85,7 +114,7 @@ def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=ModelParallel4DStrategy(config.parallel, init_seed=config.seed),
+        strategy=ModelParallel4DStrategy(config.parallel, init_seed=config.seed, async_save=config.checkpoint.async_save),
         precision=tcfg.precision,
         max_steps=tcfg.max_steps,
         log_every_n_steps=tcfg.log_every_n_steps,
@@ -96,10 +125,14 @@ def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L
         accumulate_grad_batches=tcfg.accumulate_grad_batches,
         deterministic=tcfg.deterministic,
         enable_progress_bar=tcfg.enable_progress_bar,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpointing is not None,
         use_distributed_sampler=False,  # the datamodule's sampler already follows the global order
         logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
-        callbacks=[RunSummary(config.data.global_batch_size * config.data.seq_len, run_dir), *(callbacks or [])],
+        callbacks=[
+            RunSummary(config.data.global_batch_size * config.data.seq_len, run_dir),
+            *([checkpointing] if checkpointing else []),
+            *(callbacks or []),
+        ],
         default_root_dir=str(run_dir),
     )
     model = CausalLM(config.model, config.optim)
@@ -125,12 +158,13 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        trainer, model, datamodule = build(to_config(cfg))
+        config = to_config(cfg)
+        trainer, model, datamodule = build(config)
     except ValueError as error:
         # a configuration problem: the message is the last thing on screen, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(config))
     shutdown_distributed()
 
 

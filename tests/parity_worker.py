@@ -2,10 +2,11 @@
 
 usage: torchrun ... tests/parity_worker.py OUT_DIR CASES_JSON
 CASES_JSON: {"case name": [hydra overrides...], ...}. Every case trains through the same
-`build()` as the CLI; rank 0 writes OUT_DIR/<name>.pt with the per-step global train
-losses, the validation loss and the full (unsharded) weights after training. After the
-last case, OUT_DIR/collectives.pt records what the strategy's collectives returned on
-every rank.
+`build()` and `resume_path()` as the CLI; rank 0 writes OUT_DIR/<name>.pt with the per-step
+global train losses, the validation loss, the full (unsharded) weights and optimizer
+states after training (under the unsplit model's names) and the logits of a fixed input
+when the layout has no pipeline. After the last case, OUT_DIR/collectives.pt records what
+the strategy's collectives returned on every rank.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-from lightning_3d.train import CONF_DIR, build, shutdown_distributed, to_config
+from lightning_3d.train import CONF_DIR, build, resume_path, shutdown_distributed, to_config
+
+FULL = StateDictOptions(full_state_dict=True)
+FULL_FLAT = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
 
 
 def logged_train_losses(run_dir: Path) -> list[float]:
     """Per-step train losses as the run logged them (the debug recipe logs every step)."""
+    if not (run_dir / "metrics.csv").exists():  # nothing trained (e.g. resumed at max_steps)
+        return []
     with open(run_dir / "metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("train_loss")]
     return [float(row["train_loss"]) for row in sorted(rows, key=lambda row: int(row["step"]))]
@@ -40,25 +46,45 @@ def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:
             config_name="config",
             overrides=[f"run_dir={out_dir / name}", f"trainer.devices={local_world}", f"trainer.num_nodes={nodes}", *overrides],
         )
-    trainer, model, datamodule = build(to_config(cfg))
-    trainer.fit(model, datamodule=datamodule)
+    config = to_config(cfg)
+    trainer, model, datamodule = build(config)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(config))
     # full tensors on every rank; under pipeline parallel each rank holds only its stages
     parts = model.model if isinstance(model.model, torch.nn.ModuleList) else [model.model]
     weights = {}
     for part in parts:
-        weights.update(get_model_state_dict(part, options=StateDictOptions(full_state_dict=True)))
+        weights.update(get_model_state_dict(part, options=FULL))
+    optimizer = trainer.optimizers[0] if trainer.optimizers else None
+    states = trainer.strategy._canonical(get_optimizer_state_dict(model, optimizer, options=FULL_FLAT)) if optimizer else {}
+    logits = None
+    if trainer.strategy.dims.pp == 1 and trainer.strategy.dims.cp == 1:
+        with torch.no_grad():
+            logits = model.model(fixed_input(config.model.vocab_size)).float()
     gathered = [None] * trainer.world_size
-    dist.all_gather_object(gathered, {name: tensor.cpu() for name, tensor in weights.items()})
-    weights = {name: tensor for part_weights in gathered for name, tensor in part_weights.items()}
+    dist.all_gather_object(gathered, ({n: t.cpu() for n, t in weights.items()}, {n: _cpu(v) for n, v in states.items()}))
+    weights = {name: tensor for part_weights, _ in gathered for name, tensor in part_weights.items()}
+    states = {name: value for _, part_states in gathered for name, value in part_states.items()}
     if trainer.global_rank == 0:
+        val_loss = trainer.callback_metrics.get("val_loss")
         result = {
             "losses": logged_train_losses(out_dir / name),
-            "val_loss": float(trainer.callback_metrics["val_loss"]),
+            "val_loss": float(val_loss) if val_loss is not None else None,
             "weights": {k: v.float() for k, v in weights.items()},
+            "optimizer": states,
+            "logits": logits,
+            "global_step": trainer.global_step,
         }
         torch.save(result, out_dir / f"{name}.pt")
     trainer.strategy.barrier()
     return trainer
+
+
+def fixed_input(vocab_size: int) -> torch.Tensor:
+    return (torch.arange(32) * 7 % vocab_size)[None]
+
+
+def _cpu(value):
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def record_collectives(trainer: L.Trainer, out_dir: Path) -> None:

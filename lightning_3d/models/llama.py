@@ -163,3 +163,87 @@ def init_parameter(config: ModelConfig, name: str, full: Tensor, generator: torc
         full.normal_(0.0, config.dim**-0.5, generator=generator)
     else:
         full.normal_(0.0, std, generator=generator)
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+# Hugging Face Llama names → ours (block-level parts, then the top-level ones)
+_HF_BLOCK_PARTS = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+
+
+def hf_name_to_ours(name: str) -> str | None:
+    """Our parameter name for a Hugging Face Llama one (None for names we have no use for)."""
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    parts = name.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
+        inner = ".".join(parts[3:-1])
+        if inner in _HF_BLOCK_PARTS:
+            return f"layers.{parts[2]}.{_HF_BLOCK_PARTS[inner]}.{parts[-1]}"
+    return None
+
+
+def rotary_halves_to_pairs(weight: Tensor, heads: int) -> Tensor:
+    """Reorder the rows of a q/k projection from Hugging Face's rotary layout (each head's
+    first half of dims paired with its second half) to ours (adjacent dims paired)."""
+    out_dim, in_dim = weight.shape
+    return weight.view(heads, 2, out_dim // heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def rotary_pairs_to_halves(weight: Tensor, heads: int) -> Tensor:
+    """Inverse of :func:`rotary_halves_to_pairs` (ours → Hugging Face)."""
+    out_dim, in_dim = weight.shape
+    return weight.view(heads, out_dim // heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+class PretrainedWeights:
+    """The full weights of ``config.init_from`` under our names, checked against the config.
+
+    Reads files written by ``python -m lightning_3d.export`` or Hugging Face Llama
+    safetensors (names mapped, q/k rows reordered for our rotary layout). Every problem —
+    missing, unexpected or mis-shaped parameter — is found when it is created, before any
+    process group exists.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        from lightning_3d.checkpoint import SafetensorsWeights, raise_if_problems  # the model file itself needs no I/O
+
+        self.config = config
+        self.files = SafetensorsWeights(config.init_from)
+        self.hf_format = "model.embed_tokens.weight" in self.files.shapes
+        if self.hf_format:
+            self.source = {ours: hf for hf in self.files.shapes if (ours := hf_name_to_ours(hf)) is not None}
+        else:
+            self.source = {name: name for name in self.files.shapes}
+        with torch.device("meta"):
+            expected = {name: tuple(p.shape) for name, p in Transformer(config).named_parameters()}
+        problems = []
+        for name, shape in expected.items():
+            if name not in self.source:
+                problems.append(f"parameter {name} (shape {shape}) is missing")
+            elif self.files.shapes[self.source[name]] != shape:
+                problems.append(f"parameter {name} has shape {self.files.shapes[self.source[name]]} in the file but {shape} in the model config")
+        unexpected = sorted(set(self.source) - set(expected) - ({"output.weight"} if config.tie_embeddings else set()))
+        if unexpected:
+            problems.append(f"the file has parameters the model config lacks: {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        raise_if_problems(f"model.init_from={config.init_from} does not fit the model config", problems)
+
+    def tensor(self, name: str) -> Tensor:
+        """The full tensor of our parameter ``name``."""
+        weight = self.files.get(self.source[name])
+        if self.hf_format and name.endswith("attention.wq.weight"):
+            weight = rotary_halves_to_pairs(weight, self.config.n_heads)
+        elif self.hf_format and name.endswith("attention.wk.weight"):
+            weight = rotary_halves_to_pairs(weight, self.config.kv_heads)
+        return weight
