@@ -320,3 +320,26 @@ def test_old_checkpoint_is_removed_only_after_the_pending_save_completes(tmp_pat
     (tmp_path / "step-4").mkdir()
     strategy.remove_checkpoint(tmp_path / "step-4")  # nothing pending: removed at once
     assert not (tmp_path / "step-4").exists()
+
+
+def test_hugging_face_llama_imports_with_the_same_logits(tmp_path):
+    """A real transformers LlamaForCausalLM, saved as safetensors, read through model.init_from."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            param.normal_(0.0, 0.2)  # not the HF init: every weight matters
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    config = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=96, max_seq_len=64, init_from=str(tmp_path))
+    weights = PretrainedWeights(config)
+    assert weights.hf_format
+    model = Transformer(config).eval()
+    model.load_state_dict({name: weights.tensor(name) for name, _ in model.named_parameters()})
+    tokens = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_model(tokens).logits, rtol=0.0, atol=1e-5)

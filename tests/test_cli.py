@@ -43,6 +43,17 @@ def test_cli_bad_layout_fails_fast_with_the_numbers(tmp_path):
     assert elapsed < 60, f"took {elapsed:.1f} s"
 
 
+def test_cli_bad_checkpoint_options_exit_2_without_traceback(tmp_path):
+    for args, message in [
+        ([f"resume={tmp_path / 'missing'}"], "no such checkpoint folder"),
+        (["checkpoint.every_n_steps=2", "checkpoint.keep_last=0"], "checkpoint.keep_last=0 must be >= 1"),
+        ([f"model.init_from={tmp_path / 'missing.safetensors'}"], "no such file or folder"),
+    ]:
+        result = _run(["recipe=debug", *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
 def test_cli_unknown_key_names_it(tmp_path):
     result = _run(["recipe=debug", "parallel.tpp=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
     assert result.returncode != 0
