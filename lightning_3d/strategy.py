@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Generator, Mapping
 from concurrent.futures import Future
@@ -55,6 +56,7 @@ from lightning_3d.checkpoint import (
     load_trainer_state,
     local_names,
     raise_if_problems,
+    read_metadata,
     remove_folder,
     rng_file,
     rng_state,
@@ -235,6 +237,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             backend,
             timeout=timedelta(seconds=self.parallel.timeout_s),
             device_id=self.root_device if self.root_device.type != "cpu" else None,
+            **self._restarted_worker_store(),
         )
         self._device_mesh, self._meshes = self._dims.build_mesh(self.root_device.type)
         if module is not None:
@@ -242,6 +245,23 @@ class ModelParallel4DStrategy(ParallelStrategy):
         if self.async_save:
             # the background save runs collectives while training runs its own: separate group
             self._checkpoint_group = dist.new_group(backend="gloo")
+
+    def _restarted_worker_store(self) -> dict[str, Any]:
+        """Under ``torchrun --max-restarts``, a store private to this restart.
+
+        The agent keeps one store for all restarts of its workers and the default group's
+        keys are the same each time, so a restarted rank can read a peer's address from the
+        attempt that died and fail to connect. Prefixing the keys with the restart count
+        (set by torchrun) keeps each attempt to its own.
+        """
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            return {}
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size, is_master=False,
+            timeout=timedelta(seconds=self.parallel.timeout_s),
+        )
+        return {"store": dist.PrefixStore(f"lightning_3d/restart-{restart}", store)}
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -474,7 +494,10 @@ class ModelParallel4DStrategy(ParallelStrategy):
         tensors: dict[str, Any] = {MODEL_KEY: self._canonical(model_state)}
         self._check_checkpoint_fits(path, tensors[MODEL_KEY])
         trainer_state = load_trainer_state(path)
-        optimizers = self.optimizers if module.trainer.state.fn == TrainerFn.FITTING else []
+        saved = {key.partition(".")[0] for key in read_metadata(path).state_dict_metadata}
+        fitting = module.trainer.state.fn == TrainerFn.FITTING
+        # a weights-only checkpoint has no optimizer entries: the optimizers keep their fresh state
+        optimizers = [opt for i, opt in enumerate(self.optimizers) if fitting and f"optimizer_{i}" in saved]
         optimizer_keys = []
         for index, optimizer in enumerate(optimizers):
             state = get_optimizer_state_dict(module, optimizer, options=_FLAT_OPTIMIZER)
