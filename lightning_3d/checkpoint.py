@@ -44,10 +44,6 @@ DCP_METADATA = ".metadata"
 MODEL_KEY = "state_dict"  # Lightning's name for the model's entry in a checkpoint dict
 
 
-def step_folder(directory: str | Path, step: int) -> Path:
-    return Path(directory) / f"{STEP_PREFIX}{step}"
-
-
 def is_complete(path: str | Path) -> bool:
     """True when DCP's metadata (written last) and the trainer state are both there."""
     path = Path(path)

@@ -74,8 +74,7 @@ def world_size_of(config: Config) -> int:
 
 def checkpoint_callback(config: Config) -> Optional[StepCheckpoint]:
     ckpt = config.checkpoint
-    if ckpt.keep_last < 1:
-        raise ValueError(f"checkpoint.keep_last={ckpt.keep_last} must be >= 1 (the newest checkpoint is always kept)")
+    StepCheckpoint.check_options(ckpt.every_n_steps, ckpt.keep_last)
     if ckpt.every_n_steps is None:
         return None
     return StepCheckpoint(config.checkpoint_dir, ckpt.every_n_steps, ckpt.keep_last)

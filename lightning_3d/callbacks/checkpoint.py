@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -23,10 +23,7 @@ class StepCheckpoint(ModelCheckpoint):
     FILE_EXTENSION = ""  # a checkpoint is a folder
 
     def __init__(self, dirpath: str, every_n_steps: int, keep_last: int = 3) -> None:
-        if keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1 (the newest checkpoint is always kept)")
-        if every_n_steps < 1:
-            raise ValueError(f"checkpoint.every_n_steps={every_n_steps} must be >= 1 (or null for no checkpoints)")
+        self.check_options(every_n_steps, keep_last)
         super().__init__(
             dirpath=dirpath,
             filename=STEP_PREFIX + "{step}",
@@ -38,6 +35,13 @@ class StepCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=False,
             enable_version_counter=False,
         )
+
+    @staticmethod
+    def check_options(every_n_steps: Optional[int], keep_last: int) -> None:
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1 (the newest checkpoint is always kept)")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"checkpoint.every_n_steps={every_n_steps} must be >= 1 (or null for no checkpoints)")
 
     @override
     def on_train_batch_end(
