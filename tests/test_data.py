@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
 import zlib
 from pathlib import Path
+from typing import Callable, Iterator
 
 import lightning
 import numpy as np
@@ -20,9 +26,10 @@ from lightning_3d.data import (
     TokenWindowDataset,
     load_token_splits,
 )
-from lightning_3d.data.sources import stdlib_documents
+from lightning_3d.data.sources import data_file_problems, stdlib_documents
 
 EOS = ByteTokenizer.eos_id
+NOBODY = 65534  # uid and gid of user nobody
 
 
 def documents_of(tokens: np.ndarray) -> list[str]:
@@ -171,10 +178,190 @@ def test_text_and_bin_together(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- bad input
 
 
+def files_config(*paths: Path, **overrides) -> DataConfig:
+    return DataConfig(source="files", paths=[str(path) for path in paths], **overrides)
+
+
+def load_error(config: DataConfig, vocab_size: int = 512) -> str:
+    """``load_token_splits``' error as ``"Type: message"``, to compare with ``data_file_problems``."""
+    with pytest.raises((OSError, ValueError)) as error:
+        load_token_splits(config, vocab_size)
+    return f"{error.type.__name__}: {error.value}"
+
+
 def test_error_missing_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.txt"
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
-        load_token_splits(DataConfig(source="files", paths=[str(missing)]), 512)
+    with pytest.raises(FileNotFoundError, match="nope.txt does not exist"):
+        load_token_splits(files_config(missing), 512)
+    assert data_file_problems(files_config(missing)) == [f"data path {missing} does not exist"]
+    (tmp_path / "file.txt").write_text("text")
+    under_file = tmp_path / "file.txt" / "child.txt"  # ENOTDIR is missing too, not unreadable
+    assert load_error(files_config(under_file)) == f"FileNotFoundError: data path {under_file} does not exist"
+    broken = tmp_path / "broken.txt"
+    broken.symlink_to(tmp_path / "gone.txt")
+    message = f"data path {broken} is a symbolic link to {tmp_path / 'gone.txt'}, which does not exist"
+    assert load_error(files_config(broken)) == f"FileNotFoundError: {message}"
+    assert data_file_problems(files_config(broken)) == [message]
+
+
+@pytest.fixture
+def world_readable_dir() -> Iterator[Path]:
+    """A fresh folder that user nobody can reach (pytest's tmp_path is under a root-only folder)."""
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    for parent, subfolders, _ in os.walk(folder):
+        for name in subfolders:  # give back what the test locked, so that the walk and rmtree get in
+            os.chmod(os.path.join(parent, name), 0o755)
+    shutil.rmtree(folder)
+
+
+def run_as_nobody(call: Callable[[], object], locked_file: Path) -> object:
+    """``call()`` in a forked child that runs as user nobody when this process is root.
+
+    Root reads chmod 000 files, so permission errors need another user. Forked, not a new
+    interpreter: nobody may not reach the interpreter's folder. Skips when the drop fails
+    or does not stop the child reading ``locked_file``.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: must never return into pytest
+        try:
+            os.close(read_end)
+            with os.fdopen(write_end, "w") as pipe:
+                json.dump(_nobody_payload(call, locked_file), pipe)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    payload = json.loads(answer) if answer else {"error": "the child died without an answer"}
+    if "skip" in payload:
+        pytest.skip(payload["skip"])
+    assert "error" not in payload, payload["error"]
+    return payload["value"]
+
+
+def _nobody_payload(call: Callable[[], object], locked_file: Path) -> dict:
+    signal.alarm(60)  # a hung child must not hang the test run
+    if os.getuid() == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+        except OSError as error:
+            return {"skip": f"cannot drop root privileges to uid {NOBODY}: {error}"}
+    if os.access(locked_file, os.R_OK):
+        return {"skip": f"uid {os.getuid()} still reads the chmod 000 file {locked_file}"}
+    try:
+        return {"value": call()}
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def load_error_or_none(config: DataConfig) -> str | None:
+    try:
+        load_token_splits(config, 512)
+    except (OSError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def test_error_unreadable_files(world_readable_dir: Path) -> None:
+    root = world_readable_dir
+    secrets = [root / "secret.txt", root / "secret.jsonl", root / "secret.bin"]
+    secrets[0].write_text("hidden text")
+    secrets[1].write_text('{"text": "hidden"}\n')
+    np.arange(100, dtype=np.uint16).tofile(secrets[2])
+    (root / "locked").mkdir()
+    (root / "locked" / "inner.txt").write_text("behind a folder nobody may enter")
+    (root / "corpus" / "sub").mkdir(parents=True)
+    (root / "corpus" / "good.txt").write_text("readable")
+    (root / "corpus" / "sub" / "deeper.txt").write_text("unlisted")
+    for path in secrets:
+        path.chmod(0)
+    (root / "locked").chmod(0o700)  # root's, so nobody cannot even stat inside it
+    (root / "corpus" / "sub").chmod(0)
+    inner, sub, missing = root / "locked" / "inner.txt", root / "corpus" / "sub", root / "missing.txt"
+    cases = [*secrets, inner, root / "corpus", missing]
+
+    def outcomes() -> dict:
+        loads = [load_error_or_none(files_config(path)) for path in cases]
+        return {"loads": loads, "problems": data_file_problems(files_config(*cases))}
+
+    result = run_as_nobody(outcomes, secrets[0])
+    denied = [f"cannot read data file {path}: Permission denied" for path in [*secrets, inner]]
+    expected = [*denied, f"cannot read data folder {sub}: Permission denied", f"data path {missing} does not exist"]
+    assert result["problems"] == expected
+    assert result["loads"] == [f"ValueError: {message}" for message in expected[:-1]] + [
+        f"FileNotFoundError: {expected[-1]}"
+    ]
+
+
+def returns_promptly(call: Callable[[], object], seconds: float = 30.0) -> object:
+    """``call()``'s result or raised exception, failing instead of hanging if it blocks (a FIFO opened)."""
+    outcome: list[object] = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s: was a FIFO opened?"
+    return outcome[0]
+
+
+def test_error_special_file_is_never_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    message = f"data path {fifo} is not a regular file but a named pipe (FIFO)"
+    error = returns_promptly(lambda: load_token_splits(files_config(fifo), 512))
+    assert isinstance(error, ValueError) and str(error).startswith(message)
+    problems = returns_promptly(lambda: data_file_problems(files_config(fifo)))
+    assert problems == [str(error)]
+    # inside a folder too: every file a folder holds is data
+    write_docs(tmp_path / "corpus", 3)
+    os.mkfifo(tmp_path / "corpus" / "zz.pipe")
+    error = returns_promptly(lambda: load_token_splits(files_config(tmp_path / "corpus"), 512))
+    assert isinstance(error, ValueError) and "zz.pipe is not a regular file but a named pipe" in str(error)
+    if os.path.exists("/dev/null"):
+        assert load_error(files_config(Path("/dev/null"))).startswith(
+            "ValueError: data path /dev/null is not a regular file but a character device"
+        )
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", b"", "is empty (0 bytes)"),
+        ("empty.jsonl", b"", "is empty (0 bytes)"),
+        ("blank.jsonl", b"\n  \n\n", "holds no .jsonl records (only blank lines)"),
+        ("empty.bin", b"", "is empty (0 bytes)"),
+    ],
+)
+def test_error_empty_file_named_directly(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    write_docs(tmp_path / "good", 5)
+    expected = f"data file {path} {message}"
+    assert load_error(files_config(tmp_path / "good", path)) == f"ValueError: {expected}"
+    assert load_error(files_config(tmp_path / "good", val_paths=[str(path)])) == f"ValueError: {expected}"
+    assert data_file_problems(files_config(tmp_path / "good", val_paths=[str(path)])) == [expected]
+
+
+def test_empty_files_in_folder_are_skipped(tmp_path: Path) -> None:
+    texts = write_docs(tmp_path / "corpus", 4)
+    for name, content in [("__init__.py", b""), ("empty.bin", b""), ("blank.jsonl", b"\n\n")]:
+        (tmp_path / "corpus" / name).write_bytes(content)
+    config = files_config(tmp_path / "corpus", val_fraction=0.5)
+    train, val = load_token_splits(config, 512)
+    assert sorted(documents_of(train) + documents_of(val)) == texts
+    assert data_file_problems(config) == []
 
 
 def test_error_empty_corpus(tmp_path: Path) -> None:
@@ -182,6 +369,7 @@ def test_error_empty_corpus(tmp_path: Path) -> None:
     (tmp_path / "empty" / "blank.txt").write_text("")
     with pytest.raises(ValueError, match=r"empty corpus.*empty"):
         load_token_splits(DataConfig(source="files", paths=[str(tmp_path / "empty")]), 512)
+    assert data_file_problems(files_config(tmp_path / "empty")) == []  # no bad file, just no data
 
 
 def test_error_bad_source_and_no_paths(tmp_path: Path) -> None:
@@ -205,6 +393,41 @@ def test_error_bin_size_not_multiple_of_dtype(tmp_path: Path) -> None:
     config = DataConfig(source="files", paths=[str(path)], token_dtype="uint32")
     with pytest.raises(ValueError, match=r"odd.bin has 14 bytes.*4 bytes per uint32"):
         load_token_splits(config, 512)
+    assert data_file_problems(config) == [load_error(config).removeprefix("ValueError: ")]
+
+
+def test_error_uint32_read_as_uint16(tmp_path: Path) -> None:
+    path = tmp_path / "wide.bin"
+    (np.arange(1000) % 500 + 1).astype(np.uint32).tofile(path)
+    config = files_config(path)  # token_dtype defaults to uint16
+    message = (
+        f"{path} looks like uint32 tokens read as data.token_dtype='uint16': all 1000 odd-position elements "
+        "of its first 2000 are 0, as the high halves of uint32 ids below 65536 are; "
+        "set data.token_dtype=uint32 if it was written as uint32"
+    )
+    assert load_error(config) == f"ValueError: {message}"
+    assert data_file_problems(config) == [message]
+    train, val = load_token_splits(files_config(path, token_dtype="uint32", seq_len=16), 512)
+    assert len(train) + len(val) == 1000
+
+
+def test_uint32_heuristic_scans_a_bounded_prefix_only(tmp_path: Path) -> None:
+    ids = np.ones(600_000, dtype=np.uint32)  # 1.2M uint16 elements
+    ids[-1] = 1 << 20  # a non-zero high half past the scanned prefix
+    path = tmp_path / "long.bin"
+    ids.tofile(path)
+    with pytest.raises(ValueError, match=r"long.bin looks like uint32 .* of its first 1048576 are 0"):
+        load_token_splits(files_config(path), 512)
+
+
+def test_uint32_heuristic_spares_real_uint16_files(tmp_path: Path) -> None:
+    short = tmp_path / "short.bin"
+    np.ones(31, dtype=np.uint32).tofile(short)  # 62 uint16 elements: too few to tell
+    zeros = tmp_path / "zeros.bin"
+    np.zeros(200, dtype=np.uint16).tofile(zeros)  # even positions all 0 as well: no sign of uint32
+    assert data_file_problems(files_config(short, zeros)) == []
+    load_token_splits(files_config(short, seq_len=4), 512)
+    load_token_splits(files_config(zeros, seq_len=4), 512)
 
 
 def test_error_token_id_out_of_vocab(tmp_path: Path) -> None:
@@ -212,11 +435,61 @@ def test_error_token_id_out_of_vocab(tmp_path: Path) -> None:
     ids = np.zeros(1000, dtype=np.uint16)
     ids[777] = 600
     ids.tofile(path)
-    with pytest.raises(ValueError, match=r"big.bin holds token id 600.*vocab_size=512"):
+    with pytest.raises(ValueError, match=r"big.bin holds token id 600.*vocab_size=512") as error:
         load_token_splits(DataConfig(source="files", paths=[str(path)]), 512)
+    assert "token_dtype" not in str(error.value)  # ids that fit uint16 do not suggest a wrong dtype
     (tmp_path / "t.txt").write_text("hello")
     with pytest.raises(ValueError, match=r"t.txt.*256.*vocab_size=200.*257"):
         load_token_splits(DataConfig(source="files", paths=[str(tmp_path / "t.txt")]), 200)
+
+
+def test_error_token_ids_out_of_vocab_suggest_dtype(tmp_path: Path) -> None:
+    path = tmp_path / "narrow.bin"
+    ids = (np.arange(1000) % 500).astype(np.uint16)
+    ids.tofile(path)
+    largest = int(ids.view(np.uint32).max())  # what reading pairs of uint16 ids as one uint32 gives
+    assert largest > 65535
+    config = files_config(path, token_dtype="uint32")
+    assert load_error(config) == (
+        f"ValueError: {path} holds token id {largest} (its max), not below vocab_size=512; ids this large are "
+        "what a file written as uint16 gives when read as uint32: is data.token_dtype=uint32 the dtype it was "
+        "written with?"
+    )
+    assert data_file_problems(config) == []  # the pre-flight reads no whole file, so it cannot see the ids
+
+
+def test_data_file_problems_reports_every_bad_file(tmp_path: Path) -> None:
+    write_docs(tmp_path / "good", 3)
+    corpus = tmp_path / "corpus"
+    write_docs(corpus, 2)
+    np.arange(7, dtype=np.uint8).tofile(corpus / "odd.bin")  # 7 bytes: not whole uint16 tokens
+    (corpus / "skipped.txt").write_text("")  # empty inside a folder: not a problem
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n")
+    (np.arange(100) + 1).astype(np.uint32).tofile(tmp_path / "wide.bin")
+    missing_val = tmp_path / "val" / "missing.txt"
+    paths = [tmp_path / "good", corpus, tmp_path / "nope", tmp_path / "pipe", tmp_path / "empty.txt"]
+    paths += [tmp_path / "blank.jsonl", tmp_path / "wide.bin"]
+    config = files_config(*paths, val_paths=[str(tmp_path / "good" / "doc000.txt"), str(missing_val)])
+    problems = returns_promptly(lambda: data_file_problems(config))
+    assert problems == [
+        f"{corpus / 'odd.bin'} has 7 bytes, not a multiple of 2 bytes per uint16 token: "
+        "is data.token_dtype='uint16' the dtype it was written with?",
+        f"data path {tmp_path / 'nope'} does not exist",
+        f"data path {tmp_path / 'pipe'} is not a regular file but a named pipe (FIFO); "
+        "data paths must be text, .jsonl or .bin files or folders of them",
+        f"data file {tmp_path / 'empty.txt'} is empty (0 bytes)",
+        f"data file {tmp_path / 'blank.jsonl'} holds no .jsonl records (only blank lines)",
+        f"{tmp_path / 'wide.bin'} looks like uint32 tokens read as data.token_dtype='uint16': all 100 "
+        "odd-position elements of its first 200 are 0, as the high halves of uint32 ids below 65536 are; "
+        "set data.token_dtype=uint32 if it was written as uint32",
+        f"data path {missing_val} does not exist",
+    ]
+    # load_token_splits stops at one of them (paths are all listed before .bin files are mapped)
+    assert load_error(config).split(": ", 1)[1] in problems
+    assert data_file_problems(files_config(tmp_path / "good", val_paths=[str(corpus / "doc000.txt")])) == []
+    assert data_file_problems(DataConfig(source="stdlib")) == []
 
 
 def test_error_jsonl_bad_lines(tmp_path: Path) -> None:

@@ -8,14 +8,16 @@ job computes the same arrays without talking to the others.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import stat
 import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -30,6 +32,18 @@ _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
 _SPLIT_BUCKETS = 10_000
 # Elements per chunk when scanning a memmap for its largest id, so it is never read whole.
 _MAX_SCAN_CHUNK = 1 << 24
+# Leading uint16 elements scanned for uint32 ids: enough to be sure, cheap on any file.
+_DTYPE_SCAN_ELEMENTS = 1 << 20
+# Fewer elements than this could have all-zero odd positions by chance.
+_DTYPE_SCAN_MIN_ELEMENTS = 64
+# Bytes of a .jsonl file the pre-flight reads to see whether it holds any record.
+_PROBE_BYTES = 1 << 16
+_SPECIAL_FILE_KINDS = (
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
 
 
 @dataclass
@@ -37,6 +51,13 @@ class _Document:
     key: str  # stable name hashed by the split: a path relative to its root (plus ":line")
     data: bytes  # UTF-8 text
     origin: str  # file to name in error messages
+
+
+@dataclass
+class _DataFile:
+    key: str  # what the split hashes: the path relative to its named folder, or the file name
+    path: Path
+    named: bool  # named directly in data.paths / data.val_paths rather than found in a folder
 
 
 @dataclass
@@ -106,6 +127,27 @@ def load_token_splits(config: DataConfig, vocab_size: int) -> tuple[np.ndarray, 
     return _split(train_corpus, config)
 
 
+def data_file_problems(config: DataConfig) -> list[str]:
+    """Every bad file of ``config.paths`` and ``config.val_paths``, one message each.
+
+    A cheap check to run before any worker starts: it stats and opens each file, reads at
+    most a bounded prefix and tokenizes nothing. The messages are the ones
+    :func:`load_token_splits` raises. Problems found only by reading whole files (bad JSON
+    lines, token ids past the vocabulary) are left to it.
+    """
+    if config.source != "files":
+        return []
+    problems: list[str] = []
+    for entry in [*config.paths, *config.val_paths]:
+        for file in _entry_files(entry, lambda error: problems.append(str(error))):
+            try:
+                if _keep_file(file):
+                    _probe_file(file, config)
+            except (OSError, ValueError) as error:
+                problems.append(str(error))
+    return problems
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -146,69 +188,154 @@ def _read_training_corpus(config: DataConfig) -> _Corpus:
 
 
 def _read_files_corpus(paths: Iterable[str], config: DataConfig) -> _Corpus:
-    text_files: list[tuple[str, Path]] = []
+    text_files: list[_DataFile] = []
     streams: list[_TokenStream] = []
-    for key, path in _expand_paths(paths):
-        if path.suffix == ".bin":
-            streams.append(_TokenStream(_open_token_file(path, config.token_dtype), str(path)))
+    for file in _expand_paths(paths):
+        if file.path.suffix == ".bin":
+            streams.append(_TokenStream(_open_token_file(file.path, config.token_dtype), str(file.path)))
         else:
-            text_files.append((key, path))
+            text_files.append(file)
     documents = list(_take_up_to(_iter_text_documents(text_files, config.text_key), config.max_bytes))
     return _Corpus(documents, streams, "paths " + ", ".join(str(p) for p in paths))
 
 
-def _expand_paths(paths: Iterable[str]) -> list[tuple[str, Path]]:
-    """Files named by ``paths`` (folders recursed, sorted) with the key the split hashes.
-
-    The key is relative to the named folder, or the file name for a file named directly, so
-    the split does not depend on the working directory or on absolute paths.
-    """
-    files: list[tuple[str, Path]] = []
+def _expand_paths(paths: Iterable[str]) -> list[_DataFile]:
+    """The files to read for ``paths``; raises for the first bad one."""
+    files: list[_DataFile] = []
     for entry in paths:
-        path = Path(entry).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file())
-            files.extend((p.relative_to(path).as_posix(), p) for p in found)
-        elif path.is_file():
-            files.append((path.name, path))
-        else:
-            raise FileNotFoundError(f"data path {entry} does not exist")
+        files.extend(file for file in _entry_files(entry, _raise) if _keep_file(file))
     return files
 
 
-def _iter_text_documents(files: list[tuple[str, Path]], text_key: str) -> Iterator[_Document]:
+def _raise(error: Exception) -> None:
+    raise error
+
+
+def _entry_files(entry: str, on_error: Callable[[Exception], None]) -> list[_DataFile]:
+    """The file ``entry`` names, or every file under the folder it names (recursed, sorted).
+
+    Errors go to ``on_error`` so that the pre-flight can collect them all; the files are
+    not checked here (see :func:`_keep_file`).
+    """
+    path = Path(entry).expanduser()
+    try:
+        mode = _stat(path).st_mode
+    except (OSError, ValueError) as error:
+        on_error(error)
+        return []
+    if not stat.S_ISDIR(mode):
+        return [_DataFile(path.name, path, named=True)]
+
+    def folder_error(error: OSError) -> None:
+        on_error(_unreadable(Path(error.filename), error, "folder"))
+
+    # Like Path.rglob: symlinked folders are listed but not entered, so no walk can loop.
+    found = [Path(folder) / name for folder, _, names in os.walk(path, onerror=folder_error) for name in names]
+    return [_DataFile(p.relative_to(path).as_posix(), p, named=False) for p in sorted(found)]
+
+
+def _keep_file(file: _DataFile) -> bool:
+    """Whether to read ``file``; raises when it is missing, unreadable, special or named and empty.
+
+    Only stats the file: a FIFO would block an open forever.
+    """
+    info = _stat(file.path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _SPECIAL_FILE_KINDS if test(info.st_mode)), "special file")
+        raise ValueError(
+            f"data path {file.path} is not a regular file but a {kind}; "
+            "data paths must be text, .jsonl or .bin files or folders of them"
+        )
+    if info.st_size == 0:
+        if file.named:
+            raise ValueError(f"data file {file.path} is empty (0 bytes)")
+        return False  # folders often hold empty files such as __init__.py
+    return True
+
+
+def _stat(path: Path) -> os.stat_result:
+    """``os.stat`` whose errors name ``path`` and tell a missing path from an unreadable one."""
+    try:
+        return os.stat(path)
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise _unreadable(path, error) from None
+    if os.path.islink(path):
+        raise FileNotFoundError(f"data path {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+    raise FileNotFoundError(f"data path {path} does not exist")
+
+
+def _unreadable(path: Path, error: OSError, kind: str = "file") -> ValueError:
+    return ValueError(f"cannot read data {kind} {path}: {error.strerror or error}")
+
+
+def _probe_file(file: _DataFile, config: DataConfig) -> None:
+    """Raises for what a prefix of ``file`` shows: unreadable, a wrong .bin dtype, a blank .jsonl."""
+    is_jsonl = file.path.suffix == ".jsonl"
+    try:
+        with open(file.path, "rb") as handle:
+            head = handle.read(_PROBE_BYTES if is_jsonl else 1)
+    except OSError as error:
+        raise _unreadable(file.path, error) from None
+    if file.path.suffix == ".bin" and config.token_dtype in VALID_TOKEN_DTYPES:
+        _open_token_file(file.path, config.token_dtype)
+    # A shorter read than asked for is the whole file.
+    if is_jsonl and file.named and len(head) < _PROBE_BYTES and not head.decode("utf-8", "replace").strip():
+        raise ValueError(_no_records_message(file.path))
+
+
+def _no_records_message(path: Path) -> str:
+    return f"data file {path} holds no .jsonl records (only blank lines)"
+
+
+def _iter_text_documents(files: list[_DataFile], text_key: str) -> Iterator[_Document]:
     # A generator, so that reading stops at the max_bytes cap instead of reading every file.
-    for key, path in files:
-        if path.suffix == ".jsonl":
-            yield from _iter_jsonl_documents(key, path, text_key)
+    for file in files:
+        if file.path.suffix == ".jsonl":
+            yield from _iter_jsonl_documents(file, text_key)
         else:
-            data = path.read_bytes()
+            data = _read_bytes(file.path)
             # Invalid UTF-8 becomes U+FFFD, so every document is valid text.
-            yield _Document(key, data.decode("utf-8", errors="replace").encode("utf-8"), str(path))
+            yield _Document(file.key, data.decode("utf-8", errors="replace").encode("utf-8"), str(file.path))
 
 
-def _iter_jsonl_documents(key: str, path: Path, text_key: str) -> Iterator[_Document]:
-    with open(path, encoding="utf-8", errors="replace") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {line_number} is not valid JSON: {error.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {line_number} is a JSON {type(record).__name__}, not an object")
-            if text_key not in record:
-                raise ValueError(
-                    f"{path} line {line_number} has no field {text_key!r} (data.text_key); "
-                    f"fields there: {sorted(record)}"
-                )
-            text = record[text_key]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{path} line {line_number}: field {text_key!r} is a {type(text).__name__}, not a string"
-                )
-            yield _Document(f"{key}:{line_number}", text.encode("utf-8"), f"{path} line {line_number}")
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise _unreadable(path, error) from None
+
+
+def _iter_jsonl_documents(file: _DataFile, text_key: str) -> Iterator[_Document]:
+    path, records = file.path, 0
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if line.strip():
+                    records += 1
+                    text = _jsonl_text(path, line_number, line, text_key)
+                    yield _Document(f"{file.key}:{line_number}", text.encode("utf-8"), f"{path} line {line_number}")
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    if not records and file.named:
+        raise ValueError(_no_records_message(path))
+
+
+def _jsonl_text(path: Path, line_number: int, line: str, text_key: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} line {line_number} is not valid JSON: {error.msg}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} line {line_number} is a JSON {type(record).__name__}, not an object")
+    if text_key not in record:
+        raise ValueError(
+            f"{path} line {line_number} has no field {text_key!r} (data.text_key); fields there: {sorted(record)}"
+        )
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise ValueError(f"{path} line {line_number}: field {text_key!r} is a {type(text).__name__}, not a string")
+    return text
 
 
 def _take_up_to(documents: Iterable[_Document], max_bytes: Optional[int]) -> Iterator[_Document]:
@@ -228,7 +355,7 @@ def _take_up_to(documents: Iterable[_Document], max_bytes: Optional[int]) -> Ite
 
 def _open_token_file(path: Path, token_dtype: str) -> np.ndarray:
     dtype = np.dtype(token_dtype)
-    size = path.stat().st_size
+    size = _stat(path).st_size
     if size % dtype.itemsize:
         raise ValueError(
             f"{path} has {size} bytes, not a multiple of {dtype.itemsize} bytes per {token_dtype} token: "
@@ -236,7 +363,30 @@ def _open_token_file(path: Path, token_dtype: str) -> np.ndarray:
         )
     if size == 0:
         return np.empty(0, dtype=dtype)  # np.memmap cannot map an empty file
-    return np.memmap(path, dtype=dtype, mode="r")
+    try:
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    _check_not_uint32_as_uint16(tokens, path)
+    return tokens
+
+
+def _check_not_uint32_as_uint16(tokens: np.ndarray, path: Path) -> None:
+    """Raises when uint16 ``tokens`` look like uint32 ids read with the wrong dtype.
+
+    Read as uint16, a little-endian uint32 id is its low half then its high half, and the
+    high half is 0 for every id below 65536: so every odd element would be 0.
+    """
+    if tokens.dtype != np.uint16 or len(tokens) < _DTYPE_SCAN_MIN_ELEMENTS or len(tokens) % 2:
+        return
+    head = np.asarray(tokens[:_DTYPE_SCAN_ELEMENTS])
+    if head[1::2].any() or not head[0::2].any():
+        return
+    raise ValueError(
+        f"{path} looks like uint32 tokens read as data.token_dtype='uint16': all {len(head) // 2} "
+        f"odd-position elements of its first {len(head)} are 0, as the high halves of uint32 ids below "
+        "65536 are; set data.token_dtype=uint32 if it was written as uint32"
+    )
 
 
 # ----------------------------------------------------------------------------- checks
@@ -259,7 +409,18 @@ def _check_token_ids(corpus: _Corpus, vocab_size: int) -> None:
         if largest is not None and largest >= vocab_size:
             raise ValueError(
                 f"{stream.origin} holds token id {largest} (its max), not below vocab_size={vocab_size}"
+                + _dtype_hint(stream.tokens.dtype, largest)
             )
+
+
+def _dtype_hint(dtype: np.dtype, largest: int) -> str:
+    # Read as uint32, a uint16 file pairs up its ids: the second of each pair lands in the high half.
+    if dtype == np.uint32 and largest > np.iinfo(np.uint16).max:
+        return (
+            "; ids this large are what a file written as uint16 gives when read as uint32: "
+            "is data.token_dtype=uint32 the dtype it was written with?"
+        )
+    return ""
 
 
 def _chunked_max(tokens: np.ndarray) -> Optional[int]:
