@@ -93,8 +93,10 @@ class ParallelConfig:
     pp_head_weight: float = 1.0  # the final norm + head count as this many blocks on the last stage
     # context parallel
     cp_backend: str = "ring"
-    # collective timeout
-    timeout_s: float = 1800.0
+    # collective timeouts: startup, checkpoint loading and the first step may legitimately be slow;
+    # after the first step a collective that waits this long means a dead or stalled rank
+    init_timeout_s: float = 1800.0
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -147,6 +149,14 @@ class TrainerConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """What a step does when any rank sees a non-finite loss or gradient norm."""
+
+    on_nonfinite: str = "stop"  # stop: raise before the optimizer step | skip: drop the update and go on
+    max_skipped: int = 5  # with skip: this many skipped steps in a row are tolerated; the next one stops
+
+
+@dataclass
 class CheckpointConfig:
     """Sharded checkpoints: ``step-<N>`` folders written with torch.distributed.checkpoint."""
 
@@ -165,6 +175,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: Optional[str] = None  # a step-<N> folder, or "auto": the latest complete one in checkpoint.dir
     seed: int = 1234

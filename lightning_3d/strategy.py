@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import fields, replace
@@ -27,12 +27,12 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemWriter
+import torch.distributed.distributed_c10d as c10d
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -63,8 +63,11 @@ from lightning_3d.checkpoint import (
     set_rng_state,
     write_atomically,
 )
-from lightning_3d.config import ParallelConfig
+from lightning_3d.config import ParallelConfig, TrainerConfig
 from lightning_3d.dims import ParallelDims
+from lightning_3d.health import Heartbeat, is_communication_failure, nccl_debug_env
+from lightning_3d.launcher import SubprocessLauncher
+from lightning_3d.nonfinite import NonFiniteError, NonFiniteGuard, step_health
 from lightning_3d.parallel import parallelize
 from lightning_3d.loss import count_tokens, sum_over
 from lightning_3d.parallel.context_parallel import shard_sequence
@@ -92,6 +95,9 @@ class ModelParallel4DStrategy(ParallelStrategy):
         process_group_backend: ``gloo`` / ``nccl``; default from the device.
         async_save: write checkpoints in a background thread; the loop is blocked only while
             the states are copied to CPU memory.
+        on_nonfinite: ``"stop"`` raises :class:`NonFiniteError` on every rank when any rank's loss
+            or gradient norm is not finite, before the optimizer step; ``"skip"`` drops that update.
+        max_skipped: with ``"skip"``, the number of skipped steps in a row tolerated.
 
     The LightningModule creates its model in ``configure_model()`` (run on the meta
     device), returns a :class:`ParallelPlan` from ``parallel_plan(parallel_config)`` and
@@ -108,6 +114,8 @@ class ModelParallel4DStrategy(ParallelStrategy):
         init_seed: int = 0,
         process_group_backend: Optional[str] = None,
         async_save: bool = False,
+        on_nonfinite: str = "stop",
+        max_skipped: int = 5,
         **parallel_options: Any,
     ) -> None:
         super().__init__()
@@ -128,6 +136,12 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._pending_removals: list[Path] = []
         self.save_blocked_s: list[float] = []  # seconds each save held up the training loop
         self.load_s: Optional[float] = None  # seconds the last checkpoint load took
+        self.nonfinite = NonFiniteGuard(on_nonfinite, max_skipped)
+        self._step_grad_norm: Optional[Tensor] = None  # computed by the step check, reused by clipping
+        self._steady_timeouts = False  # parallel.timeout_s applies once the first step is done
+        self._heartbeat: Optional[Heartbeat] = None
+        self._failed = False
+        self.failure_report: Optional[str] = None  # which ranks broke the job, after a communication failure
 
     # ------------------------------------------------------------------ layout
     @property
@@ -191,7 +205,9 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._precision_plugin = plugin
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        clip_grad_norm_(self.precision_plugin.main_params(optimizer), float(clip_val), self._ranks_per_stage)
+        norm, self._step_grad_norm = self._step_grad_norm, None
+        params = self.precision_plugin.main_params(optimizer)
+        clip_grad_norm_(params, float(clip_val), self._ranks_per_stage, self.root_device, norm=norm)
 
     @property
     def _ranks_per_stage(self) -> int:
@@ -202,7 +218,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = SubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     @override
     def setup_environment(self) -> None:
@@ -229,16 +245,28 @@ class ModelParallel4DStrategy(ParallelStrategy):
             self.world_size,
             model=getattr(module, "model_config", None),
             accumulate_grad_batches=trainer.accumulate_grad_batches if trainer is not None else 1,
+            trainer=TrainerConfig(
+                accelerator=self.root_device.type,
+                devices=self.num_processes,
+                num_nodes=self.num_nodes,
+                precision=str(self.precision_plugin.precision),
+            ),
         )
         reset_seed()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        if backend == "nccl":
+            # a hung collective then leaves a flight-recorder dump per rank (explicit settings win)
+            dump_dir = os.path.join(trainer.default_root_dir if trainer is not None else ".", "nccl_traces")
+            for name, value in nccl_debug_env(dump_dir).items():
+                os.environ.setdefault(name, value)
         _init_dist_connection(
             self.cluster_environment,
             backend,
-            timeout=timedelta(seconds=self.parallel.timeout_s),
+            timeout=timedelta(seconds=self.parallel.init_timeout_s),
             device_id=self.root_device if self.root_device.type != "cpu" else None,
             **self._restarted_worker_store(),
         )
+        self._heartbeat = Heartbeat.from_environment(self.global_rank, self.world_size)
         self._device_mesh, self._meshes = self._dims.build_mesh(self.root_device.type)
         if module is not None:
             module._device_mesh = self._device_mesh
@@ -259,7 +287,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             return {}
         store = dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size, is_master=False,
-            timeout=timedelta(seconds=self.parallel.timeout_s),
+            timeout=timedelta(seconds=self.parallel.init_timeout_s),
         )
         return {"store": dist.PrefixStore(f"lightning_3d/restart-{restart}", store)}
 
@@ -411,6 +439,48 @@ class ModelParallel4DStrategy(ParallelStrategy):
         with self._loss_parallel_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
+    @override
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any
+    ) -> Any:
+        """Forward and backward, then one agreed check of the loss and gradient norm on every rank,
+        then (unless the step stops or is skipped) clipping and the optimizer update."""
+        loss = closure()
+        trainer = self.lightning_module.trainer
+        params = self.precision_plugin.main_params(optimizer)
+        norm, bad_loss, bad_grads = step_health(params, loss, self._ranks_per_stage, self.root_device)
+        if self.nonfinite.should_skip(trainer.global_step, bad_loss, bad_grads):
+            optimizer.zero_grad(set_to_none=True)
+            result = None
+        else:
+            self._step_grad_norm = norm
+            result = super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
+            self._step_grad_norm = None
+        self._after_step(trainer.global_step + 1)
+        return result
+
+    def _after_step(self, steps_done: int) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.step = steps_done
+        if not self._steady_timeouts and _distributed_is_initialized():
+            # startup and the first step are done: from now on a long wait means a lost rank
+            timeout = timedelta(seconds=self.parallel.timeout_s)
+            for group in list(c10d._world.pg_map):
+                c10d._set_pg_timeout(timeout, group)
+            self._steady_timeouts = True
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Tell the other ranks this one failed and, after a failed collective, name the rank that broke the job."""
+        self._failed = True
+        if self._heartbeat is None or isinstance(exception, (NonFiniteError, KeyboardInterrupt)):
+            return  # every rank raised the same error together, or the user stopped the run
+        self._heartbeat.report_failure(exception)
+        if is_communication_failure(exception):
+            self.failure_report = self._heartbeat.wait_for_diagnosis()
+            exception.add_note(f"lightning_3d (rank {self.global_rank}): {self.failure_report}")
+        self._heartbeat.linger()
+
     # ------------------------------------------------------------------ checkpoints
     def _canonical(self, state: Mapping[str, Any]) -> dict[str, Any]:
         return canonical_names(state, self._plan_root, self.dims.pp > 1)
@@ -452,6 +522,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         tensors.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
         checkpoint["layout"] = self._layout()
         checkpoint["model_root"] = self._plan_root
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
         started = time.perf_counter()
         torch.save(rng_state(), rng_file(path, self.global_rank))
         if self.is_global_zero:
@@ -516,6 +587,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             set_rng_state(torch.load(rng_file(path, self.global_rank), weights_only=True))
         else:
             rank_zero_info(f"RNG states not restored: the checkpoint was written by layout {trainer_state.get('layout')}")
+        self.nonfinite.load_state_dict(trainer_state.get("nonfinite", {}))
         self.load_s = time.perf_counter() - started
         return trainer_state
 
@@ -565,7 +637,17 @@ class ModelParallel4DStrategy(ParallelStrategy):
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
         if _distributed_is_initialized():
-            self._finish_pending_save()
+            try:
+                self._finish_pending_save()
+            except Exception as error:
+                if not self._failed:
+                    raise
+                # the run already failed (a peer may be gone): the unfinished save has no metadata
+                # and is never taken for a checkpoint; keep the original error
+                rank_zero_warn(f"the background checkpoint save did not finish: {error}")
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()

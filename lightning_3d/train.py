@@ -8,10 +8,14 @@ a misspelt key fails with its name.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import sys
+import traceback
+import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import hydra
 import lightning as L
@@ -20,16 +24,24 @@ from hydra.core.config_store import ConfigStore
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lightning_3d.callbacks.checkpoint import StepCheckpoint
 from lightning_3d.callbacks.summary import RunSummary
 from lightning_3d.checkpoint import fit_problems, raise_if_problems, resolve_resume
 from lightning_3d.config import Config
 from lightning_3d.data import TextDataModule
-from lightning_3d.models.llama import Transformer
+from lightning_3d.data.sources import data_file_problems
+from lightning_3d.dims import ParallelDims
+from lightning_3d.health import summary
+from lightning_3d.models.llama import PretrainedWeights, Transformer
 from lightning_3d.module import CausalLM
+from lightning_3d.nonfinite import NonFiniteError, policy_problems
 from lightning_3d.strategy import ModelParallel4DStrategy
-from lightning_3d.validation import check_layout
+from lightning_3d.validation import Hardware, layout_problems, raise_problems, trainer_problems
+
+# config groups chosen by name on the command line (`recipe=tiny`), besides Config's own fields
+CONFIG_GROUPS = ("model", "data", "parallel", "trainer", "optim", "recipe")
 
 
 def _find_dir(name: str) -> Path:
@@ -65,11 +77,76 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(merged)
 
 
+def override_key_problems(args: list[str]) -> list[str]:
+    """Command-line overrides whose key is not in :class:`Config`, each with the valid keys there.
+
+    Checked before Hydra composes anything, so a typo fails in well under a second and the
+    message lists what would have been accepted (and the closest match).
+    """
+    problems = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # a Hydra flag (--cfg job, -m), not an override
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0].split("/")[0] == "hydra" or key in CONFIG_GROUPS:
+            continue
+        node: Any = Config
+        path: list[str] = []
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(node):
+                break  # inside a list or dict value
+            names = [f.name for f in dataclasses.fields(node)] + (list(CONFIG_GROUPS) if not path else [])
+            if part not in names:
+                where = ".".join(path) or "the top level"
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f" (did you mean {'.'.join([*path, close[0]])}?)" if close else ""
+                problems.append(f"unknown config key {key!r}{hint}; valid keys at {where}: {', '.join(names)}")
+                break
+            node = typing.get_type_hints(node)[part]
+            path.append(part)
+    return problems
+
+
 def world_size_of(config: Config) -> int:
     devices = config.trainer.devices
     if not isinstance(devices, int) or devices < 1:
         raise ValueError(f"trainer.devices={devices!r} must be a positive number of processes per node")
     return devices * config.trainer.num_nodes
+
+
+def _problem_of(check: Callable[[], Any]) -> list[str]:
+    try:
+        check()
+    except (ValueError, FileNotFoundError) as error:
+        return [str(error)]
+    return []
+
+
+def preflight(config: Config, hardware: Optional[Hardware] = None) -> ParallelDims:
+    """Every check that needs no process group, all at once: the layout against the world size,
+    the model and the data; the trainer against the machine; the training, checkpoint and resume
+    options; the data files and the weights to start from. Raises ``ValueError`` listing every
+    problem, each with its numbers and a fix."""
+    problems = trainer_problems(config.trainer, hardware)
+    dims = None
+    world_size = _problem_of(lambda: world_size_of(config))
+    if not world_size and config.trainer.num_nodes >= 1:  # else trainer_problems said why
+        dims, layout = layout_problems(
+            config.parallel, world_size_of(config), config.model, config.data, config.trainer.accumulate_grad_batches
+        )
+        problems += layout
+    model_problems = _problem_of(config.model.validate)
+    problems += [p for p in model_problems if p not in problems]
+    problems += policy_problems(config.training.on_nonfinite, config.training.max_skipped)
+    problems += _problem_of(lambda: checkpoint_callback(config))
+    problems += data_file_problems(config.data)
+    if not model_problems:
+        problems += _problem_of(lambda: check_resume(config))
+        if config.model.init_from:
+            problems += _problem_of(lambda: PretrainedWeights(config.model))
+    raise_problems(problems)
+    assert dims is not None  # no problems means the layout resolved
+    return dims
 
 
 def checkpoint_callback(config: Config) -> Optional[StepCheckpoint]:
@@ -96,11 +173,8 @@ def check_resume(config: Config) -> None:
 
 
 def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L.Trainer, CausalLM, TextDataModule]:
-    """Everything a run needs, checked up front; shared by the CLI and the tests."""
-    check_layout(
-        config.parallel, world_size_of(config), config.model, config.data, config.trainer.accumulate_grad_batches
-    )
-    check_resume(config)
+    """Everything a run needs, checked up front (:func:`preflight`); shared by the CLI and the tests."""
+    preflight(config)
     checkpointing = checkpoint_callback(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     tcfg = config.trainer
@@ -113,7 +187,13 @@ def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=ModelParallel4DStrategy(config.parallel, init_seed=config.seed, async_save=config.checkpoint.async_save),
+        strategy=ModelParallel4DStrategy(
+            config.parallel,
+            init_seed=config.seed,
+            async_save=config.checkpoint.async_save,
+            on_nonfinite=config.training.on_nonfinite,
+            max_skipped=config.training.max_skipped,
+        ),
         precision=tcfg.precision,
         max_steps=tcfg.max_steps,
         log_every_n_steps=tcfg.log_every_n_steps,
@@ -154,17 +234,50 @@ def shutdown_distributed() -> None:
 register_configs()
 
 
+def exit_after_failure(trainer: L.Trainer, error: BaseException) -> None:
+    """End a rank whose training failed: one line saying why (last on screen), exit code 1.
+
+    Errors every rank raises alike (a non-finite stop, a data fault) are printed by rank 0
+    only; after a failed collective each rank prints which peer broke the job. Unexpected
+    errors keep their traceback. ``os._exit``: a process group with a lost peer can block
+    the interpreter's normal shutdown.
+    """
+    strategy = trainer.strategy
+    report = getattr(strategy, "failure_report", None)
+    expected = isinstance(error, (ValueError, NonFiniteError)) or report is not None
+    if not expected:
+        traceback.print_exception(error)
+    alike = isinstance(error, (ValueError, NonFiniteError)) and report is None
+    if trainer.global_rank == 0 or not alike:
+        line = f"error (rank {trainer.global_rank}): {error if alike else summary(error)}"
+        print(line + (f"\n  {report}" if report else ""), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         config = to_config(cfg)
         trainer, model, datamodule = build(config)
-    except ValueError as error:
+    except (ValueError, OmegaConfBaseException) as error:
         # a configuration problem: the message is the last thing on screen, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(config))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(config))
+    except Exception as error:
+        exit_after_failure(trainer, error)
     shutdown_distributed()
+
+
+def main() -> Any:
+    """``python -m lightning_3d.train [overrides]``: unknown keys fail before Hydra composes anything."""
+    problems = override_key_problems(sys.argv[1:])
+    if problems:
+        print("error: " + "\n  ".join(problems), file=sys.stderr)
+        sys.exit(2)
+    return _hydra_main()
 
 
 def cli(argv: Optional[list[str]] = None) -> Any:

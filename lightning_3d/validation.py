@@ -6,8 +6,15 @@ exists). All problems are collected and reported at once.
 
 from __future__ import annotations
 
-from lightning_3d.config import DataConfig, ModelConfig, ParallelConfig
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from lightning.fabric.connector import _convert_precision_to_unified_args
+
+from lightning_3d.config import DataConfig, ModelConfig, ParallelConfig, TrainerConfig
 from lightning_3d.dims import ParallelDims, divisors
+from lightning_3d.parallel.data_parallel import SUPPORTED_PRECISIONS
 from lightning_3d.parallel.pipeline_parallel import (
     NEEDS_MICROBATCHES_PER_STAGE,
     SCHEDULES,
@@ -18,6 +25,70 @@ from lightning_3d.parallel.pipeline_parallel import (
 )
 
 VALID_CP_BACKENDS = ("ring", "allgather", "native")
+VALID_ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The GPUs this machine offers; detected only when a run asks for them (tests pass their own)."""
+
+    cuda_devices: int
+    bf16: bool  # whether GPU 0 computes in bfloat16 (compute capability >= 8.0)
+    name: str = ""
+
+    @classmethod
+    def detect(cls) -> "Hardware":
+        count = torch.cuda.device_count()
+        if count == 0:
+            return cls(0, False)
+        return cls(count, torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(0))
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def trainer_problems(trainer: TrainerConfig, hardware: Optional[Hardware] = None) -> list[str]:
+    """Accelerator, device count and precision against what the machine has."""
+    problems = []
+    if trainer.accelerator not in VALID_ACCELERATORS:
+        problems.append(f"trainer.accelerator={trainer.accelerator!r} is not one of {list(VALID_ACCELERATORS)}")
+    try:
+        precision = str(_convert_precision_to_unified_args(trainer.precision))  # Lightning's aliases: bf16, 32
+    except ValueError:
+        precision = str(trainer.precision)
+    if precision not in SUPPORTED_PRECISIONS:
+        problems.append(
+            f"trainer.precision={trainer.precision!r} is not supported; use one of {list(SUPPORTED_PRECISIONS)} "
+            "(fp16 would need a gradient scaler, fp64 a policy of its own)"
+        )
+    devices = trainer.devices
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        problems.append(f"trainer.devices={devices!r} must be a positive number of processes per node")
+        devices = 1
+    if trainer.num_nodes < 1:
+        problems.append(f"trainer.num_nodes={trainer.num_nodes} must be >= 1")
+    if trainer.accelerator in ("gpu", "cuda"):
+        hardware = hardware or Hardware.detect()
+        if hardware.cuda_devices == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            problems.append(
+                f"trainer.accelerator={trainer.accelerator} but no CUDA GPU is visible (torch {torch.__version__}, {build}); "
+                "use trainer.accelerator=cpu (e.g. trainer=cpu), or run where a GPU and a CUDA build of torch are"
+            )
+        else:
+            if devices > hardware.cuda_devices:
+                problems.append(
+                    f"trainer.devices={devices} but this machine has {hardware.cuda_devices} GPU(s); set trainer.devices to "
+                    f"at most {hardware.cuda_devices} per node (the world size is devices × trainer.num_nodes)"
+                )
+            if precision.startswith("bf16") and not hardware.bf16:
+                problems.append(
+                    f"trainer.precision={trainer.precision} needs bfloat16, which {hardware.name or 'this GPU'} lacks "
+                    "(it needs compute capability 8.0+); use 32-true"
+                )
+    return problems
 
 
 def _valid_tp(values: list[int], world_size: int) -> str:
@@ -91,8 +162,30 @@ def check_layout(
     model: ModelConfig | None = None,
     data: DataConfig | None = None,
     accumulate_grad_batches: int = 1,
+    trainer: TrainerConfig | None = None,
+    hardware: Hardware | None = None,
 ) -> ParallelDims:
-    """Return the resolved :class:`ParallelDims`, or raise ``ValueError`` listing every problem."""
+    """Return the resolved :class:`ParallelDims`, or raise ``ValueError`` listing every problem.
+
+    ``trainer``: also check its accelerator, devices and precision against ``hardware``
+    (detected when None and a GPU is asked for).
+    """
+    dims, problems = layout_problems(parallel, world_size, model, data, accumulate_grad_batches)
+    if trainer is not None:
+        problems += trainer_problems(trainer, hardware)
+    raise_problems(problems)
+    assert dims is not None  # no problems means the dims resolved
+    return dims
+
+
+def layout_problems(
+    parallel: ParallelConfig,
+    world_size: int,
+    model: ModelConfig | None = None,
+    data: DataConfig | None = None,
+    accumulate_grad_batches: int = 1,
+) -> tuple[ParallelDims | None, list[str]]:
+    """The resolved :class:`ParallelDims` (None if they do not resolve) and every problem found."""
     problems: list[str] = []
     dims = None
     try:
@@ -108,8 +201,9 @@ def check_layout(
             "parallel.cp_backend=native (torch's context_parallel) is not wired in: it has no CPU kernel in torch 2.13 "
             "and is untested here on CUDA; use cp_backend=ring or allgather"
         )
-    if parallel.timeout_s <= 0:
-        problems.append(f"parallel.timeout_s={parallel.timeout_s} must be > 0")
+    for name in ("init_timeout_s", "timeout_s"):
+        if getattr(parallel, name) <= 0:
+            problems.append(f"parallel.{name}={getattr(parallel, name)} must be > 0")
     if model is not None:
         try:
             model.validate()
@@ -160,7 +254,4 @@ def check_layout(
                         f"dp {dims.dp} / accumulate_grad_batches {accumulate_grad_batches}) is not divisible by "
                         f"parallel.microbatches={microbatches}; valid microbatches: {divisors(per_rank)}"
                     )
-    if problems:
-        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    assert dims is not None  # no problems means the dims resolved
-    return dims
+    return dims, problems

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+from lightning_3d.config import Config
 from lightning_3d.train import CONF_DIR, build, resume_path, shutdown_distributed, to_config
 
 FULL = StateDictOptions(full_state_dict=True)
@@ -38,15 +39,20 @@ def logged_train_losses(run_dir: Path) -> list[float]:
     return [float(row["train_loss"]) for row in sorted(rows, key=lambda row: int(row["step"]))]
 
 
-def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:
+def compose_case(run_dir: Path, overrides: list[str]) -> Config:
+    """The CLI's config for these overrides, sized to the torchrun world this process is in."""
     local_world = int(os.environ["LOCAL_WORLD_SIZE"])
     nodes = int(os.environ["WORLD_SIZE"]) // local_world
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             config_name="config",
-            overrides=[f"run_dir={out_dir / name}", f"trainer.devices={local_world}", f"trainer.num_nodes={nodes}", *overrides],
+            overrides=[f"run_dir={run_dir}", f"trainer.devices={local_world}", f"trainer.num_nodes={nodes}", *overrides],
         )
-    config = to_config(cfg)
+    return to_config(cfg)
+
+
+def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:
+    config = compose_case(out_dir / name, overrides)
     trainer, model, datamodule = build(config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(config))
     # full tensors on every rank; under pipeline parallel each rank holds only its stages

@@ -6,8 +6,9 @@ import csv
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import numpy as np
 
 CLI = [sys.executable, "-m", "lightning_3d.train"]
 
@@ -31,16 +32,33 @@ def test_cli_two_processes_with_lightning_launcher(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
-def test_cli_bad_layout_fails_fast_with_the_numbers(tmp_path):
-    start = time.perf_counter()
-    result = _run(["recipe=debug", "trainer.devices=4", "parallel.tp=3", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
-    elapsed = time.perf_counter() - start
+def _processes_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue  # exited meanwhile
+    return found
+
+
+def test_cli_bad_config_fails_before_any_worker_with_every_problem(tmp_path):
+    run_dir = tmp_path / "run"
+    # the timeout only guards against a hang; a bad config exits before any process starts
+    result = _run(
+        ["recipe=debug", "trainer.devices=4", "parallel.tp=3", "training.on_nonfinite=ignore", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 2
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert "tp=3" in result.stderr and "world size 4" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert "valid tp values" in last_line or "tp=3" in last_line
-    assert elapsed < 60, f"took {elapsed:.1f} s"
+    assert "tp=3" in result.stderr and "world size 4" in result.stderr, result.stderr[-2000:]
+    assert "valid tp values: [1, 2, 4]" in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "training.on_nonfinite='ignore'" in last_line  # every problem, the last one last on screen
+    assert _processes_mentioning(str(run_dir)) == []  # no worker left behind
 
 
 def test_cli_bad_checkpoint_options_exit_2_without_traceback(tmp_path):
@@ -54,10 +72,28 @@ def test_cli_bad_checkpoint_options_exit_2_without_traceback(tmp_path):
         assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
 
 
-def test_cli_unknown_key_names_it(tmp_path):
-    result = _run(["recipe=debug", "parallel.tpp=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
-    assert result.returncode != 0
-    assert "tpp" in result.stderr
+def test_cli_unknown_key_names_it_and_the_valid_ones(tmp_path):
+    result = _run(["recipe=debug", "parallel.tpp=2", "trainig.max_skipped=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown config key 'parallel.tpp' (did you mean parallel.tp?); valid keys at parallel: dp_replicate," in result.stderr
+    assert "unknown config key 'trainig.max_skipped' (did you mean training?)" in result.stderr
+    assert "recipe" in result.stderr.strip().splitlines()[-1]  # the top level lists the groups too
+
+
+def test_cli_data_fault_in_the_workers_is_one_line_naming_the_file(tmp_path):
+    # ids up to 999 with vocab_size 512: only found when the workers read the tokens
+    corpus = tmp_path / "corpus.bin"
+    np.arange(40_000, dtype=np.uint16).__mod__(1000).astype(np.uint16).tofile(corpus)
+    result = _run(
+        ["recipe=debug", "trainer.devices=2", "data.source=files", f"data.paths=[{corpus}]", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"error (rank 0): {corpus} holds token id 999 (its max), not below vocab_size=512"
+    assert sum("holds token id 999" in line for line in lines) == 1  # said once, not by every rank
 
 
 def test_console_script_composes(tmp_path):

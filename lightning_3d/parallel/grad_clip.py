@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from math import prod
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -28,27 +29,37 @@ def _local_and_shards(grad: Tensor) -> tuple[Tensor, int]:
 
 
 @torch.no_grad()
-def global_grad_norm(parameters: Iterable[Tensor], ranks_per_stage: int) -> Tensor:
-    """L2 norm of all gradients of the whole model (all stages, all shards)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    device = _local_and_shards(grads[0])[0].device
+def local_grad_square_sum(parameters: Iterable[Tensor], ranks_per_stage: int, device: torch.device) -> Tensor:
+    """This rank's share of the squared global gradient norm; summed over the world it is the whole."""
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for grad in grads:
-        local, shards = _local_and_shards(grad)
-        # each shard is held by ranks_per_stage / shards ranks of this stage
-        total += local.float().pow(2).sum() * (shards / ranks_per_stage)
+    for param in parameters:
+        if param.grad is not None:
+            local, shards = _local_and_shards(param.grad)
+            # each shard is held by ranks_per_stage / shards ranks of this stage
+            total += local.float().pow(2).sum() * (shards / ranks_per_stage)
+    return total
+
+
+@torch.no_grad()
+def global_grad_norm(parameters: Iterable[Tensor], ranks_per_stage: int, device: torch.device) -> Tensor:
+    """L2 norm of all gradients of the whole model (all stages, all shards)."""
+    total = local_grad_square_sum(parameters, ranks_per_stage, device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     return total.sqrt()
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, ranks_per_stage: int) -> Tensor:
-    """Scale gradients in place so the global norm is at most ``max_norm``; return the norm."""
+def clip_grad_norm_(
+    parameters: Iterable[Tensor], max_norm: float, ranks_per_stage: int, device: torch.device, norm: Optional[Tensor] = None
+) -> Tensor:
+    """Scale gradients in place so the global norm is at most ``max_norm``; return the norm.
+
+    ``norm``: the global norm if already computed for these gradients (saves an all-reduce).
+    """
     parameters = list(parameters)
-    norm = global_grad_norm(parameters, ranks_per_stage)
+    if norm is None:
+        norm = global_grad_norm(parameters, ranks_per_stage, device)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for param in parameters:
         if param.grad is not None:

@@ -1,0 +1,98 @@
+"""Non-finite steps injected on one rank, several cases in one process group; launched by torchrun.
+
+usage: torchrun ... tests/nonfinite_worker.py OUT_DIR CASES_JSON
+CASES_JSON: {"case": {"overrides": [...], "inject": {"rank": R, "steps": [k, ...], "what": "loss" | "grad"}}}
+Rank R makes its loss (or one gradient shard) NaN at those steps. Rank 0 writes OUT_DIR/<case>.json:
+the error raised (or null), the logged losses, global_step, the guard's skip counts, and
+whether the weights at the end equal the weights before the first injected step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from parity_worker import compose_case, logged_train_losses
+from torch.distributed.tensor import DTensor
+
+from lightning_3d.module import CausalLM
+from lightning_3d.nonfinite import NonFiniteError
+from lightning_3d.train import build, resume_path
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class Injection(L.Callback):
+    """NaN gradients on one rank at given steps; keeps this rank's weights from before the first one."""
+
+    def __init__(self, rank: int, steps: list[int], what: str) -> None:
+        self.rank, self.steps, self.what = rank, steps, what
+        self.weights_before: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.steps[0] and not self.weights_before:
+            self.weights_before = {n: _local(p).detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.what == "grad" and trainer.global_rank == self.rank and trainer.global_step in self.steps:
+            grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+            _local(grad).view(-1)[0] = float("nan")
+
+
+class NaNLossLM(CausalLM):
+    """The reference module, whose loss is NaN on one rank at the injected steps."""
+
+    injection: Injection
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        hit = self.injection.what == "loss" and self.global_rank == self.injection.rank
+        return loss * float("nan") if hit and self.trainer.global_step in self.injection.steps else loss
+
+
+def run_case(name: str, spec: dict, out_dir: Path) -> None:
+    config = compose_case(out_dir / name, spec["overrides"])
+    inject = spec.get("inject")
+    injection = Injection(inject["rank"], inject["steps"], inject["what"]) if inject else None
+    trainer, _, datamodule = build(config, callbacks=[injection] if injection else None)
+    model = NaNLossLM(config.model, config.optim)
+    model.injection = injection or Injection(-1, [-1], "none")
+    error = None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(config))
+    except NonFiniteError as raised:
+        error = str(raised)
+    unchanged = None
+    if injection is not None and injection.weights_before:
+        now = {n: _local(p).detach() for n, p in model.named_parameters()}
+        unchanged = all(torch.equal(now[n], before) for n, before in injection.weights_before.items())
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, (error, unchanged))
+    if trainer.global_rank == 0:
+        result = {
+            "errors": [v[0] for v in verdicts],
+            "unchanged": [v[1] for v in verdicts],
+            "losses": logged_train_losses(out_dir / name),
+            "global_step": trainer.global_step,
+            "skipped_total": trainer.strategy.nonfinite.skipped_total,
+        }
+        (out_dir / f"{name}.json").write_text(json.dumps(result))
+    dist.barrier()
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    for name, spec in json.loads(sys.argv[2]).items():
+        run_case(name, spec, out_dir)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
