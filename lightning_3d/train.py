@@ -107,6 +107,24 @@ def override_key_problems(args: list[str]) -> list[str]:
     return problems
 
 
+def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict) or not tree:
+        return [prefix]
+    return [key for name, value in tree.items() for key in _dotted_keys(value, f"{prefix}{name}.")]
+
+
+def recipe_key_problems(args: list[str]) -> list[str]:
+    """Keys of the chosen recipe file that are not in :class:`Config`, with the valid keys there."""
+    chosen = [arg.split("=", 1)[1] for arg in args if arg.lstrip("+").startswith("recipe=")]
+    name = chosen[-1] if chosen else OmegaConf.load(CONF_DIR / "config.yaml").defaults[-1]["recipe"]
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        return []  # Hydra lists the available recipes
+    tree = OmegaConf.to_container(OmegaConf.load(path))
+    keys = [key.rstrip(".") for key in _dotted_keys({k: v for k, v in tree.items() if k != "defaults"})]
+    return [f"{path}: {problem}" for problem in override_key_problems([f"{key}=" for key in keys])]
+
+
 def world_size_of(config: Config) -> int:
     devices = config.trainer.devices
     if not isinstance(devices, int) or devices < 1:
@@ -272,8 +290,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> Any:
-    """``python -m lightning_3d.train [overrides]``: unknown keys fail before Hydra composes anything."""
-    problems = override_key_problems(sys.argv[1:])
+    """``python -m lightning_3d.train [overrides]``: unknown keys (on the command line or in the
+    recipe) fail before Hydra composes anything."""
+    problems = override_key_problems(sys.argv[1:]) + recipe_key_problems(sys.argv[1:])
     if problems:
         print("error: " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(2)
