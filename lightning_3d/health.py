@@ -3,15 +3,16 @@
 A failed collective only tells a rank that *some* peer went away ("Connection closed by
 peer", a timeout). So every rank keeps a heartbeat counter in the TCP store the job
 rendezvoused on (a thread bumps it every second, even while the main thread waits in a
-collective), and a rank whose training fails writes a one-line report there. When a rank
-fails it waits a few heartbeats and names:
+collective), and a rank whose training fails writes a one-line report there. Once any
+report is there, every rank's heartbeat thread waits a few heartbeats and names:
 
 - ranks whose heartbeat stopped without a report: dead or frozen (killed, OOM, SIGSTOP);
 - ranks that reported an error of their own (not a communication failure);
 - ranks still alive that have not failed yet (stuck somewhere, or still waiting).
 
-The store client is a connection of its own with a short timeout, so a dead or frozen
-store host cannot hang the diagnosis.
+A failing rank prints that diagnosis. The store client is a connection of its own with a
+short timeout, so a dead or frozen store host cannot hang the diagnosis; a rank that hosts
+the store waits for the others' diagnoses before it exits.
 """
 
 from __future__ import annotations

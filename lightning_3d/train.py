@@ -80,8 +80,8 @@ def to_config(cfg: DictConfig) -> Config:
 def override_key_problems(args: list[str]) -> list[str]:
     """Command-line overrides whose key is not in :class:`Config`, each with the valid keys there.
 
-    Checked before Hydra composes anything, so a typo fails in well under a second and the
-    message lists what would have been accepted (and the closest match).
+    Checked before Hydra composes anything, so the message can list what would have been
+    accepted there (and the closest match) rather than only the key.
     """
     problems = []
     for arg in args:
@@ -116,7 +116,8 @@ def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
 def recipe_key_problems(args: list[str]) -> list[str]:
     """Keys of the chosen recipe file that are not in :class:`Config`, with the valid keys there."""
     chosen = [arg.split("=", 1)[1] for arg in args if arg.lstrip("+").startswith("recipe=")]
-    name = chosen[-1] if chosen else OmegaConf.load(CONF_DIR / "config.yaml").defaults[-1]["recipe"]
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
+    name = chosen[-1] if chosen else next(entry["recipe"] for entry in defaults if isinstance(entry, dict) and "recipe" in entry)
     path = RECIPES_DIR / f"{name}.yaml"
     if not path.is_file():
         return []  # Hydra lists the available recipes
@@ -147,8 +148,8 @@ def preflight(config: Config, hardware: Optional[Hardware] = None) -> ParallelDi
     problem, each with its numbers and a fix."""
     problems = trainer_problems(config.trainer, hardware)
     dims = None
-    world_size = _problem_of(lambda: world_size_of(config))
-    if not world_size and config.trainer.num_nodes >= 1:  # else trainer_problems said why
+    bad_devices = _problem_of(lambda: world_size_of(config))
+    if not bad_devices and config.trainer.num_nodes >= 1:  # else trainer_problems said why
         dims, layout = layout_problems(
             config.parallel, world_size_of(config), config.model, config.data, config.trainer.accumulate_grad_batches
         )
