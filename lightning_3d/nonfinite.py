@@ -42,12 +42,12 @@ def step_health(
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     square_sum = local_grad_square_sum(parameters, ranks_per_stage, device)
+    # filled on the device: the only host sync is reading the reduced flags
     flags = torch.zeros(1 + 2 * world_size, dtype=torch.float32, device=device)
     flags[0] = square_sum
-    if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
-        flags[1 + rank] = 1
-    if not bool(torch.isfinite(square_sum)):
-        flags[1 + world_size + rank] = 1
+    if loss is not None:
+        flags[1 + rank] = (~torch.isfinite(loss.detach())).any().float()
+    flags[1 + world_size + rank] = (~torch.isfinite(square_sum)).float()
     if world_size > 1:
         dist.all_reduce(flags)
     flags = flags.cpu()
