@@ -148,10 +148,13 @@ def preflight(config: Config, hardware: Optional[Hardware] = None) -> ParallelDi
     problem, each with its numbers and a fix."""
     problems = trainer_problems(config.trainer, hardware)
     dims = None
-    bad_devices = _problem_of(lambda: world_size_of(config))
-    if not bad_devices and config.trainer.num_nodes >= 1:  # else trainer_problems said why
+    try:
+        world_size: Optional[int] = world_size_of(config)
+    except ValueError:
+        world_size = None  # trainer_problems says why
+    if world_size is not None and config.trainer.num_nodes >= 1:
         dims, layout = layout_problems(
-            config.parallel, world_size_of(config), config.model, config.data, config.trainer.accumulate_grad_batches
+            config.parallel, world_size, config.model, config.data, config.trainer.accumulate_grad_batches
         )
         problems += layout
     model_problems = _problem_of(config.model.validate)
