@@ -1,6 +1,6 @@
 """lightning_3d: a Lightning strategy for 4D-parallel transformer training."""
 
-from lightning_3d.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
+from lightning_3d.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, PerfConfig, TrainerConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.models.llama import Transformer
 from lightning_3d.module import CausalLM
@@ -16,6 +16,7 @@ __all__ = [
     "ModelParallel4DStrategy",
     "OptimConfig",
     "ParallelConfig",
+    "PerfConfig",
     "ParallelDims",
     "ParallelPlan",
     "TrainerConfig",

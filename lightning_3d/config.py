@@ -100,6 +100,23 @@ class ParallelConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed levers and what each step measures; each lever trades something (see README, "Speed levers")."""
+
+    # activation checkpointing: none | full (every block) | selective (every `ac_every`-th block) |
+    # op (every block, but matmul, attention and collective outputs are kept: only cheap ops recompute)
+    activation_checkpoint: str = "none"
+    ac_every: int = 2  # selective: checkpoint blocks 0, k, 2k, ...
+    compile: bool = False  # torch.compile each transformer block
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (any torch.compile backend)
+    fsdp_prefetch: int = 1  # FSDP2 all-gathers this many blocks ahead (forward and backward); 1: FSDP2's own
+    cpu_offload: bool = False  # FSDP2 keeps parameters, gradients and optimizer states in CPU memory
+    float8: bool = False  # float8 matmuls in the blocks' linear layers through torchao (CUDA, sm89+)
+    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None: from the known-GPU table
+    comm_accounting: bool = False  # count every collective's calls and bytes per mesh dim and step (debug)
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from and how they are batched."""
 
@@ -176,6 +193,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: Optional[str] = None  # a step-<N> folder, or "auto": the latest complete one in checkpoint.dir
     seed: int = 1234

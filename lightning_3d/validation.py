@@ -12,9 +12,11 @@ from typing import Optional
 import torch
 from lightning.fabric.connector import _convert_precision_to_unified_args
 
-from lightning_3d.config import DataConfig, ModelConfig, ParallelConfig, TrainerConfig
+from lightning_3d.config import DataConfig, ModelConfig, ParallelConfig, PerfConfig, TrainerConfig
 from lightning_3d.dims import ParallelDims, divisors
-from lightning_3d.parallel.data_parallel import SUPPORTED_PRECISIONS
+from lightning_3d.parallel.activation_checkpoint import activation_checkpoint_problems
+from lightning_3d.parallel.compile import compile_problems, float8_problems
+from lightning_3d.parallel.data_parallel import SUPPORTED_PRECISIONS, data_parallel_problems
 from lightning_3d.parallel.pipeline_parallel import (
     NEEDS_MICROBATCHES_PER_STAGE,
     SCHEDULES,
@@ -35,13 +37,14 @@ class Hardware:
     cuda_devices: int
     bf16: bool  # whether GPU 0 computes in bfloat16 (compute capability >= 8.0)
     name: str = ""
+    capability: Optional[tuple[int, int]] = None  # GPU 0's compute capability
 
     @classmethod
     def detect(cls) -> "Hardware":
         count = torch.cuda.device_count()
         if count == 0:
             return cls(0, False)
-        return cls(count, torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(0))
+        return cls(count, torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
 
 
 def raise_problems(problems: list[str]) -> None:
@@ -88,6 +91,24 @@ def trainer_problems(trainer: TrainerConfig, hardware: Optional[Hardware] = None
                     f"trainer.precision={trainer.precision} needs bfloat16, which {hardware.name or 'this GPU'} lacks "
                     "(it needs compute capability 8.0+); use 32-true"
                 )
+    return problems
+
+
+def perf_problems(
+    perf: PerfConfig, dims: Optional[ParallelDims], accelerator: str, hardware: Optional[Hardware] = None
+) -> list[str]:
+    """The speed levers against the layout and the machine (``accelerator``: cpu, gpu/cuda or auto)."""
+    if accelerator == "auto":
+        accelerator = "gpu" if (hardware.cuda_devices if hardware else torch.cuda.device_count()) else "cpu"
+    problems = activation_checkpoint_problems(perf.activation_checkpoint, perf.ac_every)
+    problems += compile_problems(perf.compile, perf.compile_backend, accelerator, dims.tp if dims else 1)
+    on_gpu = accelerator in ("gpu", "cuda")
+    capability = (hardware or Hardware.detect()).capability if perf.float8 and on_gpu else None
+    problems += float8_problems(perf.float8, accelerator, dims.tp if dims else 1, capability)
+    if dims is not None:
+        problems += data_parallel_problems(dims, perf.fsdp_prefetch, perf.cpu_offload)
+    if perf.peak_flops is not None and perf.peak_flops <= 0:
+        problems.append(f"perf.peak_flops={perf.peak_flops} must be > 0 (FLOP/s of one device), or null for the known-GPU table")
     return problems
 
 

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lightning_3d.config import Config, ParallelConfig
 from lightning_3d.train import CONF_DIR, RECIPES_DIR, to_config, world_size_of
-from lightning_3d.validation import check_layout
+from lightning_3d.validation import Hardware, check_layout, perf_problems
 
 GROUP_FILES = sorted(CONF_DIR.glob("*/*.yaml"))
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -81,6 +81,8 @@ def test_every_recipe_composes_and_validates_on_its_world_size(path: Path) -> No
         config.parallel, world_size, config.model, config.data, config.trainer.accumulate_grad_batches
     )
     assert dims.world_size == world_size
+    gpus = Hardware(cuda_devices=8, bf16=True, name="NVIDIA H100 80GB HBM3", capability=(9, 0))
+    assert perf_problems(config.perf, dims, config.trainer.accelerator, gpus) == []
     # what the recipe sets wins over the group defaults
     recipe = OmegaConf.to_container(OmegaConf.load(path))
     recipe.pop("defaults", None)

@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader
 
 import lightning_3d  # noqa: F401  (registers strategy="4d")
 from lightning_3d import CausalLM, ModelConfig, ModelParallel4DStrategy, ParallelConfig
+from lightning_3d.config import PerfConfig
 
 PARALLEL_FIELDS = [f.name for f in fields(ParallelConfig)]
+PERF_FIELDS = [f.name for f in fields(PerfConfig)]
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
@@ -89,12 +91,19 @@ def fit_expecting_error(strategy: ModelParallel4DStrategy, module: L.LightningMo
     ],
 )
 def test_unknown_option_is_a_type_error_listing_the_valid_ones(options: dict, unknown: list[str]) -> None:
-    with pytest.raises(TypeError, match=re.escape(f"unknown parallel option(s) {unknown}; valid: ")) as error:
+    with pytest.raises(TypeError, match=re.escape(f"unknown option(s) {unknown}; valid: ")) as error:
         ModelParallel4DStrategy(**options)
     message = str(error.value)
-    assert message.endswith(str(PARALLEL_FIELDS))
-    for name in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "sequence_parallel"):
+    assert message.endswith(str(PARALLEL_FIELDS + PERF_FIELDS))
+    for name in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "sequence_parallel", "activation_checkpoint", "compile"):
         assert repr(name) in message
+
+
+def test_strategy_keywords_fill_the_parallel_and_perf_configs() -> None:
+    strategy = ModelParallel4DStrategy(tp=2, activation_checkpoint="selective", ac_every=3, compile=True)
+    assert (strategy.parallel.tp, strategy.parallel.dp_shard) == (2, -1)
+    assert (strategy.perf.activation_checkpoint, strategy.perf.ac_every, strategy.perf.compile) == ("selective", 3, True)
+    assert strategy.perf.cpu_offload is False
 
 
 @pytest.mark.parametrize(

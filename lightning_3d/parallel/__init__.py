@@ -1,8 +1,9 @@
 """Apply every parallelism to a model, in one fixed order.
 
-meta-device model → pipeline split (keep only this rank's stages) → tensor/sequence
-parallel → context-parallel attention swap → [activation checkpointing, torch.compile: later]
-→ FSDP2 per block, then the extra units, then the stage root → materialize the weights.
+meta-device model → pipeline split (keep only this rank's stages) → float8 linears →
+tensor/sequence parallel → context-parallel attention swap → activation checkpointing →
+torch.compile per block → FSDP2 per block, then the extra units, then the stage root →
+materialize the weights.
 
 Tensor parallel comes before FSDP2 because FSDP2 shards the already-TP-sharded DTensor
 parameters along the data-parallel mesh (2-D parameters); materializing last means no
@@ -15,8 +16,10 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_3d.config import ParallelConfig
+from lightning_3d.config import ParallelConfig, PerfConfig
 from lightning_3d.dims import ParallelDims
+from lightning_3d.parallel.activation_checkpoint import apply_activation_checkpointing
+from lightning_3d.parallel.compile import apply_compile, apply_float8
 from lightning_3d.parallel.context_parallel import apply_context_parallel
 from lightning_3d.parallel.data_parallel import apply_data_parallel, mixed_precision_policy
 from lightning_3d.parallel.materialize import InitFn, has_meta_parameters, materialize
@@ -47,6 +50,7 @@ def parallelize(
     device: torch.device,
     init_fn: InitFn | None,
     seed: int,
+    perf: PerfConfig | None = None,
 ) -> list[tuple[int, nn.Module]]:
     """Parallelize ``module`` in place and return this rank's (stage index, stage module)s.
 
@@ -72,16 +76,24 @@ def parallelize(
         setattr(module.get_submodule(owner) if owner else module, attr, nn.ModuleList([part for _, part in stages]))
     else:
         stages = [(0, model)]
+    perf = perf or PerfConfig()
     reshard = config.reshard_after_forward if config.reshard_after_forward is not None else dims.pp == 1
     for _, part in stages:
         if not on_meta:
             part.to(device)
+        if perf.float8:
+            apply_float8(part, plan)
         if dims.tp > 1:
             apply_tensor_parallel(part, plan, meshes["tp"])
         if dims.cp > 1:
             attention = [block.get_submodule(plan.attention) for block in blocks_of(part, plan)]
             apply_context_parallel(part, attention, meshes["cp"].get_group(), config.cp_backend)
-        apply_data_parallel(part, plan, meshes, dims, mixed_precision_policy(precision), reshard)
+        apply_activation_checkpointing(part, plan, perf.activation_checkpoint, perf.ac_every)
+        if perf.compile:
+            apply_compile(part, plan, perf.compile_backend)
+        apply_data_parallel(
+            part, plan, meshes, dims, mixed_precision_policy(precision), reshard, perf.fsdp_prefetch, perf.cpu_offload
+        )
         if on_meta:
             materialize(part, plan.root, device, init_fn, seed)
     leftover = [name for name, param in module.named_parameters() if param.is_meta]

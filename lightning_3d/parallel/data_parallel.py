@@ -5,6 +5,12 @@ the root. The sharding mesh is ``fsdp`` = dp_shard × cp (CP ranks hold the same
 with dp_replicate > 1 it becomes the 2-D HSDP mesh (dp_replicate, fsdp). With
 dp_shard × cp = 1 the replicas are kept whole and gradients are all-reduced (DDP-style),
 through FSDP2's ``replicate``.
+
+Levers: ``prefetch`` > 1 all-gathers that many blocks ahead in forward and backward
+(more overlap of communication with compute, more unsharded blocks in memory at once);
+``cpu_offload`` keeps the sharded parameters, gradients and optimizer states in CPU memory
+(far less device memory; every step copies them to and from the device, and the
+optimizer step runs on the CPU).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from lightning_3d.dims import ParallelDims
 from lightning_3d.parallel.tensor_parallel import blocks_of, present_module
@@ -22,6 +28,18 @@ from lightning_3d.plans.base import ParallelPlan
 # Lightning precision flag → FSDP2 policy. Gradients are always reduced in fp32.
 _PARAM_DTYPE = {"32-true": None, "bf16-mixed": torch.bfloat16, "bf16-true": None}
 SUPPORTED_PRECISIONS = tuple(_PARAM_DTYPE)
+
+
+def data_parallel_problems(dims: ParallelDims, prefetch: int, cpu_offload: bool) -> list[str]:
+    problems = []
+    if prefetch < 1:
+        problems.append(f"perf.fsdp_prefetch={prefetch} must be >= 1 (blocks all-gathered ahead; 1 is FSDP2's default)")
+    if cpu_offload and dims.fsdp == 1:
+        problems.append(
+            f"perf.cpu_offload=true offloads FSDP2 shards, but dp_shard × cp = {dims.dp_shard} × {dims.cp} = 1 "
+            "keeps whole replicas (DDP-style): use parallel.dp_shard > 1"
+        )
+    return problems
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
@@ -37,6 +55,8 @@ def apply_data_parallel(
     dims: ParallelDims,
     mp_policy: MixedPrecisionPolicy,
     reshard_after_forward: bool,
+    prefetch: int = 1,
+    cpu_offload: bool = False,
 ) -> None:
     """Wrap ``model`` (the plan root, or one pipeline stage of it) unit by unit."""
     if not dims.data_parallel_enabled:
@@ -49,9 +69,23 @@ def apply_data_parallel(
             replicate(unit, mesh=meshes["dp_replicate"], mp_policy=mp_policy)
         return
     shard_mesh = meshes["fsdp"] if dims.dp_replicate == 1 else meshes["hsdp"]
+    # pinned host memory makes the copies to the GPU asynchronous; without a GPU it cannot be had
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    options = {"mesh": shard_mesh, "mp_policy": mp_policy, "offload_policy": offload}
     for index, block in enumerate(blocks):
         # The backward pass starts with the last block: re-gathering it at once is wasted work.
         reshard = reshard_after_forward and index < len(blocks) - 1
-        fully_shard(block, mesh=shard_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+        fully_shard(block, reshard_after_forward=reshard, **options)
     for unit in extra_units + [model]:
-        fully_shard(unit, mesh=shard_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
+    if prefetch > 1:
+        _prefetch_ahead(blocks, prefetch)
+
+
+def _prefetch_ahead(blocks: list[nn.Module], depth: int) -> None:
+    """Explicit FSDP2 prefetch: each block starts the all-gathers of the next ``depth`` blocks
+    (in forward order, and in reverse order for backward)."""
+    units: list[FSDPModule] = [block for block in blocks if isinstance(block, FSDPModule)]
+    for index, unit in enumerate(units):
+        unit.set_modules_to_forward_prefetch(units[index + 1 : index + 1 + depth])
+        unit.set_modules_to_backward_prefetch(units[max(0, index - depth) : index][::-1])
