@@ -63,7 +63,7 @@ from lightning_3d.checkpoint import (
     set_rng_state,
     write_atomically,
 )
-from lightning_3d.config import ParallelConfig, TrainerConfig
+from lightning_3d.config import ParallelConfig, PerfConfig, TrainerConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.health import Heartbeat, is_communication_failure, nccl_debug_env
 from lightning_3d.launcher import SubprocessLauncher
@@ -71,15 +71,16 @@ from lightning_3d.nonfinite import NonFiniteError, NonFiniteGuard, step_health
 from lightning_3d.parallel import parallelize
 from lightning_3d.loss import count_tokens, sum_over
 from lightning_3d.parallel.context_parallel import shard_sequence
-from lightning_3d.parallel.grad_clip import clip_grad_norm_
+from lightning_3d.parallel.grad_clip import clip_grad_norm_, reduce_partial_grads
 from lightning_3d.parallel.pipeline_parallel import PipelineLoss, build_schedules, num_microbatches
 from lightning_3d.plans.base import ParallelPlan
-from lightning_3d.validation import check_layout
+from lightning_3d.validation import check_layout, perf_problems, raise_problems
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 _PARALLEL_FIELDS = tuple(f.name for f in fields(ParallelConfig))
+_PERF_FIELDS = tuple(f.name for f in fields(PerfConfig))
 # optimizer states are saved flattened (one entry per parameter), which is what lets DCP reshard them
 _FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -90,6 +91,9 @@ class ModelParallel4DStrategy(ParallelStrategy):
     Args:
         parallel: a full :class:`ParallelConfig`; or give its fields as keywords
             (``ModelParallel4DStrategy(dp_shard=2, tp=2)``), which override it.
+        perf: the speed levers (:class:`PerfConfig`: activation checkpointing, compile, FSDP2
+            prefetch, CPU offload, float8); its fields may also be given as keywords
+            (``activation_checkpoint="full"``, ``compile=True``).
         init_seed: seed of the initial weights, drawn per parameter name so that every
             layout starts from the same full model.
         process_group_backend: ``gloo`` / ``nccl``; default from the device.
@@ -111,18 +115,20 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self,
         parallel: Optional[ParallelConfig] = None,
         *,
+        perf: Optional[PerfConfig] = None,
         init_seed: int = 0,
         process_group_backend: Optional[str] = None,
         async_save: bool = False,
         on_nonfinite: str = "stop",
         max_skipped: int = 5,
-        **parallel_options: Any,
+        **options: Any,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(parallel_options) - set(_PARALLEL_FIELDS))
+        unknown = sorted(set(options) - set(_PARALLEL_FIELDS) - set(_PERF_FIELDS))
         if unknown:
-            raise TypeError(f"unknown parallel option(s) {unknown}; valid: {list(_PARALLEL_FIELDS)}")
-        self.parallel = replace(parallel or ParallelConfig(), **parallel_options)
+            raise TypeError(f"unknown option(s) {unknown}; valid: {list(_PARALLEL_FIELDS + _PERF_FIELDS)}")
+        self.parallel = replace(parallel or ParallelConfig(), **{k: v for k, v in options.items() if k in _PARALLEL_FIELDS})
+        self.perf = replace(perf or PerfConfig(), **{k: v for k, v in options.items() if k in _PERF_FIELDS})
         self.init_seed = init_seed
         self._process_group_backend = process_group_backend
         self._dims: Optional[ParallelDims] = None
@@ -138,6 +144,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self.load_s: Optional[float] = None  # seconds the last checkpoint load took
         self.nonfinite = NonFiniteGuard(on_nonfinite, max_skipped)
         self._step_grad_norm: Optional[Tensor] = None  # computed by the step check, reused by clipping
+        self.last_grad_norm: Optional[Tensor] = None  # the last step's global gradient norm, before clipping
         self._steady_timeouts = False  # parallel.timeout_s applies once the first step is done
         self._heartbeat: Optional[Heartbeat] = None
         self._failed = False
@@ -252,6 +259,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
                 precision=str(self.precision_plugin.precision),
             ),
         )
+        raise_problems(perf_problems(self.perf, self._dims, self.root_device.type))
         reset_seed()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         if backend == "nccl":
@@ -323,6 +331,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             device=self.root_device,
             init_fn=getattr(module, "init_parameter", None),
             seed=self.init_seed,
+            perf=self.perf,
         )
         if self.dims.pp > 1:
             self._setup_pipeline(stages)
@@ -447,8 +456,10 @@ class ModelParallel4DStrategy(ParallelStrategy):
         then (unless the step stops or is skipped) clipping and the optimizer update."""
         loss = closure()
         trainer = self.lightning_module.trainer
-        params = self.precision_plugin.main_params(optimizer)
+        params = list(self.precision_plugin.main_params(optimizer))
+        reduce_partial_grads(params)
         norm, bad_loss, bad_grads = step_health(params, loss, self._ranks_per_stage, self.root_device)
+        self.last_grad_norm = norm
         if self.nonfinite.should_skip(trainer.global_step, bad_loss, bad_grads):
             optimizer.zero_grad(set_to_none=True)
             result = None

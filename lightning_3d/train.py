@@ -21,24 +21,27 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_3d.callbacks.checkpoint import StepCheckpoint
+from lightning_3d.callbacks.comm import CommAccounting
+from lightning_3d.callbacks.performance import PerformanceMonitor
 from lightning_3d.callbacks.summary import RunSummary
 from lightning_3d.checkpoint import fit_problems, raise_if_problems, resolve_resume
 from lightning_3d.config import Config
 from lightning_3d.data import TextDataModule
 from lightning_3d.data.sources import data_file_problems
 from lightning_3d.dims import ParallelDims
+from lightning_3d.flops import flops_per_token
 from lightning_3d.health import summary
 from lightning_3d.models.llama import PretrainedWeights, Transformer
 from lightning_3d.module import CausalLM
 from lightning_3d.nonfinite import NonFiniteError, policy_problems
 from lightning_3d.strategy import ModelParallel4DStrategy
-from lightning_3d.validation import Hardware, layout_problems, raise_problems, trainer_problems
+from lightning_3d.validation import Hardware, layout_problems, perf_problems, raise_problems, trainer_problems
 
 # config groups chosen by name on the command line (`recipe=tiny`), besides Config's own fields
 CONFIG_GROUPS = ("model", "data", "parallel", "trainer", "optim", "recipe")
@@ -159,6 +162,7 @@ def preflight(config: Config, hardware: Optional[Hardware] = None) -> ParallelDi
         problems += layout
     model_problems = _problem_of(config.model.validate)
     problems += [p for p in model_problems if p not in problems]
+    problems += perf_problems(config.perf, dims, config.trainer.accelerator, hardware)
     problems += policy_problems(config.training.on_nonfinite, config.training.max_skipped)
     problems += _problem_of(lambda: checkpoint_callback(config))
     problems += data_file_problems(config.data)
@@ -211,6 +215,7 @@ def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L
         num_nodes=tcfg.num_nodes,
         strategy=ModelParallel4DStrategy(
             config.parallel,
+            perf=config.perf,
             init_seed=config.seed,
             async_save=config.checkpoint.async_save,
             on_nonfinite=config.training.on_nonfinite,
@@ -231,6 +236,9 @@ def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L
         logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
         callbacks=[
             RunSummary(config.data.global_batch_size * config.data.seq_len, run_dir),
+            PerformanceMonitor(flops_per_token(config.model, config.data.seq_len), config.perf.peak_flops),
+            LearningRateMonitor(logging_interval="step"),
+            *([CommAccounting()] if config.perf.comm_accounting else []),
             *([checkpointing] if checkpointing else []),
             *(callbacks or []),
         ],

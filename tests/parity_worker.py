@@ -39,6 +39,20 @@ def logged_train_losses(run_dir: Path) -> list[float]:
     return [float(row["train_loss"]) for row in sorted(rows, key=lambda row: int(row["step"]))]
 
 
+# per-step measurements (lightning_3d.callbacks.performance) kept from the last logged row
+METRICS = ("train/lengths", "train/samples", "train/device/items_per_sec", "train/items_per_sec",
+           "train/device/flops_per_sec", "train/device/mfu", "grad_norm", "memory/peak_gib_max", "lr-AdamW/pg1")
+
+
+def logged_metrics(run_dir: Path) -> dict[str, float]:
+    """The last value each of :data:`METRICS` was logged with."""
+    if not (run_dir / "metrics.csv").exists():
+        return {}
+    with open(run_dir / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: float(row[key]) for row in rows for key in METRICS if row.get(key)}
+
+
 def compose_case(run_dir: Path, overrides: list[str]) -> Config:
     """The CLI's config for these overrides, sized to the torchrun world this process is in."""
     local_world = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -74,6 +88,7 @@ def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:
         val_loss = trainer.callback_metrics.get("val_loss")
         result = {
             "losses": logged_train_losses(out_dir / name),
+            "metrics": logged_metrics(out_dir / name),
             "val_loss": float(val_loss) if val_loss is not None else None,
             "weights": {k: v.float() for k, v in weights.items()},
             "optimizer": states,

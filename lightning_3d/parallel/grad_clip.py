@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def _local_and_shards(grad: Tensor) -> tuple[Tensor, int]:
@@ -26,6 +26,25 @@ def _local_and_shards(grad: Tensor) -> tuple[Tensor, int]:
         shards = prod(grad.device_mesh.size(dim) for dim, placement in enumerate(grad.placements) if not placement.is_replicate())
         return grad.to_local(), shards
     return grad, 1
+
+
+@torch.no_grad()
+def reduce_partial_grads(parameters: Iterable[Tensor]) -> int:
+    """Sum gradients that are still pending sums (``Partial`` DTensors) over their mesh; return how many.
+
+    Under sequence parallel the norm weights each see 1/tp of the tokens, so their gradients
+    come out of backward as per-rank partial sums. Squaring those parts would give a wrong
+    norm, and the optimizer would sum them again at each read (AdamW reads a gradient three
+    times): one all-reduce each, here, serves both.
+    """
+    reduced = 0
+    for param in parameters:
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
+            placements = [Replicate() if placement.is_partial() else placement for placement in grad.placements]
+            param.grad = grad.redistribute(grad.device_mesh, placements)
+            reduced += 1
+    return reduced
 
 
 @torch.no_grad()
