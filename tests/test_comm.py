@@ -1,0 +1,183 @@
+"""Communication accounting on real gloo groups: measured calls and bytes against the analytic volumes.
+
+One torchrun group of 2 ranks trains each layout for 2 steps of the debug recipe with the
+CommAccounting callback (tests/comm_worker.py). In a 2-rank job every size-2 mesh dim is
+the default process group itself, so a case's step lands on one label (its dim); the
+analytic volumes keep the sources apart (the parallelism, the loss reduction, the step's
+grad-norm check), which is how the ratios below are taken. After the cases, the same group
+runs one op of each kind under the counter (the sweep).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_parity import DEBUG, WORKER as PARITY_WORKER, _torchrun, pp
+
+from lightning_3d.comm import PARTIAL_GRAD_REDUCTIONS
+
+WORKER = PARITY_WORKER.with_name("comm_worker.py")
+STEPS = ["trainer.max_steps=2"]
+TP = ["parallel.dp_shard=1", "parallel.tp=2"]
+CASES = {
+    "tp2": DEBUG + STEPS + TP + ["parallel.sequence_parallel=false"],
+    "tp2_sp": DEBUG + STEPS + TP + ["parallel.sequence_parallel=true"],
+    "fsdp2": DEBUG + STEPS + ["parallel.dp_shard=2"],
+    "fsdp2_no_reshard": DEBUG + STEPS + ["parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
+    "ddp2": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
+    "pp2_1f1b": DEBUG + STEPS + pp(2, "1f1b") + ["parallel.dp_shard=1"],
+    "cp2_ring": DEBUG + STEPS + ["parallel.cp=2", "parallel.dp_shard=1"],
+}
+
+# the debug model (conf/model/debug.yaml) in fp32 bytes: 4 blocks, dim 64, ffn 128, vocab 512
+BLOCK = 4 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64)  # 164352
+EMBEDDING = 4 * 512 * 64
+HEAD = 4 * (64 + 512 * 64)  # final norm + output
+PARAMS = 4 * BLOCK + EMBEDDING + HEAD  # 919808
+STEP_HEALTH = 4 * (1 + 2 * 2)  # squared grad norm + a loss and a grad flag per rank, fp32
+LOSS = 2 * 8  # token count and loss sum, fp64
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    out_dir = tmp_path_factory.mktemp("comm")
+    _torchrun(2, CASES, out_dir, worker=WORKER)
+    results = {case: json.loads((out_dir / f"{case}.json").read_text()) for case in CASES}
+    results["sweep"] = json.loads((out_dir / "sweep.json").read_text())
+    return results
+
+
+def last_step(runs: dict, case: str, rank: int = 0) -> dict:
+    return runs[case][rank]["steps"][-1]
+
+
+def wire(table: dict) -> float:
+    return sum(volume["wire_bytes"] for volume in table.values())
+
+
+def parallelism_wire(runs: dict, case: str) -> float:
+    """Measured wire bytes of the last step, less the loss reduction and the step's health check."""
+    by_source = runs[case][0]["expected_by_source"]
+    return wire(last_step(runs, case)) - sum(wire(by_source.get(source, {})) for source in ("loss", "step_health"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_measured_equals_analytic(case, runs):
+    for rank, result in enumerate(runs[case]):
+        assert len(result["steps"]) == 2
+        assert result["steps"][-1] == result["expected"], f"rank {rank}"
+
+
+def test_tensor_parallel_by_hand(runs):
+    residual, logits = 8 * 32 * 64 * 4, 8 * 32 * 512 * 4  # batch 8 × seq 32 × dim / vocab
+    # 2 all-reduces per block forward and 2 backward, the embedding's output, the head's input grad
+    assert last_step(runs, "tp2") == {
+        "tp/all_gather": {"count": 1, "bytes": logits, "wire_bytes": logits / 2},
+        "tp/all_reduce": {"count": 18 + 1, "bytes": 18 * residual + STEP_HEALTH, "wire_bytes": 18 * residual + STEP_HEALTH},
+    }
+    # sequence parallel: each all-reduce becomes a reduce-scatter + an all-gather; the norm
+    # weights' Partial gradients are all-reduced once each before the step (9 norms)
+    norm_grads = PARTIAL_GRAD_REDUCTIONS * 9
+    assert norm_grads == 9
+    assert last_step(runs, "tp2_sp") == {
+        "tp/all_gather": {"count": 18 + 1, "bytes": 18 * residual + logits, "wire_bytes": (18 * residual + logits) / 2},
+        "tp/reduce_scatter": {"count": 18, "bytes": 18 * residual, "wire_bytes": 18 * residual / 2},
+        "tp/all_reduce": {
+            "count": norm_grads + 1,
+            "bytes": norm_grads * 64 * 4 + STEP_HEALTH,
+            "wire_bytes": norm_grads * 64 * 4 + STEP_HEALTH,
+        },
+    }
+    # the activations move the same bytes either way
+    by_source = runs["tp2_sp"][0]["expected_by_source"]
+    assert parallelism_wire(runs, "tp2") == parallelism_wire(runs, "tp2_sp") - wire(by_source["sp_norm_grads"])
+
+
+def test_each_collective_counted_once(runs):
+    # DTensor's functional all-reduce runs c10d.allreduce_ underneath: seen once, as the functional op
+    ops = runs["tp2"][0]["ops"]
+    assert ops == [
+        "_c10d_functional.all_gather_into_tensor all_gather 524288",
+        "_c10d_functional.all_reduce all_reduce 65536",
+        f"c10d.allreduce_ all_reduce {STEP_HEALTH}",
+    ]
+
+
+def test_one_op_of_each_kind(runs):
+    # 10 fp32 elements (40 bytes) on the default group of 2 ranks: (op, kind, bytes, wire bytes
+    # on rank 0, on rank 1); functional collectives appear once, not again as their c10d op
+    expected = [
+        ("c10d.allreduce_", "all_reduce", 40, 40, 40),
+        ("c10d.broadcast_", "broadcast", 40, 40, 40),
+        ("c10d._allgather_base_", "all_gather", 80, 40, 40),
+        ("c10d._reduce_scatter_base_", "reduce_scatter", 40, 20, 20),
+        ("c10d.alltoall_base_", "all_to_all", 40, 20, 20),
+        ("c10d.gather_", "gather", 80, 0, 40),  # rank 0 is the root
+        ("c10d.scatter_", "scatter", 80, 40, 0),
+        ("_c10d_functional.all_reduce", "all_reduce", 40, 40, 40),
+        ("_c10d_functional.all_gather_into_tensor", "all_gather", 80, 40, 40),
+        ("_c10d_functional.reduce_scatter_tensor", "reduce_scatter", 40, 20, 20),
+        ("c10d.send", "send", 40, 40, 40),  # batch_isend_irecv: one send and one recv each
+        ("c10d.recv_", "recv", 40, 0, 0),
+        ("c10d.barrier", "barrier", 0, 0, 0),
+    ]
+    rank0, rank1 = runs["sweep"]
+    assert [(op, kind, size, wire) for op, kind, _, size, wire in rank0] == [row[:4] for row in expected]
+    assert [(op, kind, size, wire) for op, kind, _, size, wire in rank1] == [(*row[:3], row[4]) for row in expected]
+    assert {dim for *_, dim, _, _ in rank0 + rank1} == {"world"}
+
+
+def test_fsdp_by_hand(runs):
+    # gloo on CPU: FSDP2 all-gathers with _allgather_base_ and reduce-scatters with
+    # _reduce_scatter_base_, one per unit (4 blocks, embedding, norm + head; the root has none)
+    assert {op.split()[0] for op in runs["fsdp2"][0]["ops"]} == {
+        "c10d._allgather_base_", "c10d._reduce_scatter_base_", "c10d.allreduce_"
+    }
+    # gathered in forward, and again in backward except the last block (not resharded)
+    gathered = 2 * PARAMS - BLOCK
+    assert last_step(runs, "fsdp2") == {
+        "dp_shard/all_gather": {"count": 11, "bytes": gathered, "wire_bytes": gathered / 2},
+        "dp_shard/reduce_scatter": {"count": 6, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
+        "dp_shard/all_reduce": {"count": 2, "bytes": LOSS + STEP_HEALTH, "wire_bytes": LOSS + STEP_HEALTH},
+    }
+    # DDP-style: one all-reduce per unit
+    assert last_step(runs, "ddp2")["dp_replicate/all_reduce"]["count"] == 6 + 2
+
+
+def test_fsdp_to_ddp_wire_ratio(runs):
+    ddp = parallelism_wire(runs, "ddp2")
+    assert ddp == PARAMS  # all-reduce on 2 ranks: 2·(n−1)/n·S = S
+    # FSDP: (n−1)/n of the parameters gathered twice and of the gradients scattered once =
+    # 1.5 × DDP, less the last block's second gather
+    ratio = parallelism_wire(runs, "fsdp2") / ddp
+    assert ratio == pytest.approx(1.5 - 0.5 * BLOCK / PARAMS, rel=1e-12)
+    assert 1.4 < ratio < 1.5
+    assert parallelism_wire(runs, "fsdp2_no_reshard") / ddp == 1.0
+
+
+def test_pipeline_and_ring_by_hand(runs):
+    microbatch = 4 * 32 * 64 * 4  # 2 microbatches of 4 sequences
+    for rank in (0, 1):  # stage 0 sends activations and receives grads; stage 1 the reverse
+        step = last_step(runs, "pp2_1f1b", rank)
+        assert step["pp/send"] == {"count": 2, "bytes": 2 * microbatch, "wire_bytes": 2 * microbatch}
+        assert step["pp/recv"] == {"count": 2, "bytes": 2 * microbatch, "wire_bytes": 0}
+    # the first step also sends the stages' shape metadata
+    first = runs["pp2_1f1b"][0]["steps"][0]["pp/send"]["count"]
+    assert first > 2
+    # ring attention, per block: K and V 1 hop forward; K, V 1 hop and dK, dV 2 hops backward
+    kv = 8 * 4 * 16 * 16 * 4  # batch × kv heads × 16 local tokens × head dim
+    step = last_step(runs, "cp2_ring")
+    assert step["cp/send"] == {"count": 4 * 8, "bytes": 4 * 8 * kv, "wire_bytes": 4 * 8 * kv}
+    assert step["cp/all_gather"]["count"] == 11  # FSDP2 shards over dp_shard × cp
+
+
+def test_steps_repeat_and_metrics_are_logged(runs):
+    for case in CASES:
+        results = runs[case]
+        if case != "pp2_1f1b":
+            assert results[0]["steps"][0] == results[0]["steps"][1], case
+        dims = {key.split("/")[0] for key in last_step(runs, case)}
+        for dim in dims:
+            logged = results[0]["logged"][f"comm/{dim}_bytes"]
+            assert logged == sum(v["bytes"] for k, v in last_step(runs, case).items() if k.startswith(f"{dim}/"))
