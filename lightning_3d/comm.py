@@ -425,8 +425,9 @@ def _sequence_parallel_norm_grads(model: ModelConfig, sequence_parallel: bool, t
 
 def _unit_sizes(model: ModelConfig, one: _Pass) -> list[tuple[int, bool]]:
     """(parameter elements, resharded after forward when resharding is on) of each FSDP unit:
-    the blocks (all but the last), the plan's extra units (embedding; final norm + head),
-    the root (which holds a tied embedding and the final norm; never resharded)."""
+    the blocks (all but the last), the plan's extra units (the embedding; not the final
+    norm + head, which backward starts with), the root (which holds a tied embedding and the
+    final norm; never resharded)."""
     attention = 2 * (model.n_heads + model.kv_heads) * model.head_dim * model.dim
     block = attention + 3 * model.dim * model.hidden_dim + 2 * model.dim
     units = [(block, index < one.blocks - 1) for index in range(one.blocks)]
@@ -434,7 +435,7 @@ def _unit_sizes(model: ModelConfig, one: _Pass) -> list[tuple[int, bool]]:
     if model.tie_embeddings:
         units.append((table + model.dim, False))
     else:
-        units += [(table, True)] * one.has_embedding + [(table + model.dim, True)] * one.has_head
+        units += [(table, True)] * one.has_embedding + [(table + model.dim, False)] * one.has_head
     return units
 
 

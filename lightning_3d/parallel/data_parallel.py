@@ -62,10 +62,14 @@ def apply_data_parallel(
     if not dims.data_parallel_enabled:
         return
     blocks = blocks_of(model, plan)
-    extra_units = [[m for name in unit if (m := present_module(model, name)) is not None] for unit in plan.fsdp_units]
-    extra_units = [unit for unit in extra_units if unit]
+    # (modules of the unit, whether backward starts with it: the plan's last unit, the head)
+    extra_units = [
+        ([m for name in unit if (m := present_module(model, name)) is not None], index == len(plan.fsdp_units) - 1)
+        for index, unit in enumerate(plan.fsdp_units)
+    ]
+    extra_units = [(unit, runs_last) for unit, runs_last in extra_units if unit]
     if dims.fsdp == 1:
-        for unit in blocks + extra_units + [model]:
+        for unit in blocks + [unit for unit, _ in extra_units] + [model]:
             replicate(unit, mesh=meshes["dp_replicate"], mp_policy=mp_policy)
         return
     shard_mesh = meshes["fsdp"] if dims.dp_replicate == 1 else meshes["hsdp"]
@@ -76,8 +80,10 @@ def apply_data_parallel(
         # The backward pass starts with the last block: re-gathering it at once is wasted work.
         reshard = reshard_after_forward and index < len(blocks) - 1
         fully_shard(block, reshard_after_forward=reshard, **options)
-    for unit in extra_units + [model]:
-        fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
+    for unit, runs_last in extra_units:
+        # like the last block, the head is needed again as soon as backward starts
+        fully_shard(unit, reshard_after_forward=reshard_after_forward and not runs_last, **options)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **options)
     if prefetch > 1:
         _prefetch_ahead(blocks, prefetch)
 

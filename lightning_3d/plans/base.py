@@ -20,7 +20,8 @@ class ParallelPlan:
         top_tp: tensor-parallel styles of modules outside the blocks (embedding, final
             norm, output head).
         fsdp_units: extra FSDP units besides the blocks, sharded after them and before the
-            root; the modules of one inner list are sharded together.
+            root; the modules of one inner list are sharded together. In forward order: the
+            last one (the head) is not resharded after forward, since backward starts with it.
         first_stage: modules that only the first pipeline stage keeps (embedding).
         last_stage: modules that only the last pipeline stage keeps (final norm, head).
             Other stages set them to ``None``; the model's forward must tolerate that.
