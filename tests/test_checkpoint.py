@@ -7,6 +7,7 @@ then load those checkpoints under other layouts. Real gloo process groups throug
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -206,8 +207,9 @@ def test_kill_during_save_torchrun_restarts_and_resumes(saved, tmp_path):
     assert code == 0, output[-3000:]
     assert "exitcode: -9" in output or "Signal 9" in output or "SIGKILL" in output, output[-3000:]  # the first attempt died
     assert f"Restoring states from the checkpoint path at {ckpt / 'step-2'}" in output
-    rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
-    losses = {int(row[1]): float(row[2]) for row in rows if row[2]}  # the restarted attempt's rows come last
+    with open(run_dir / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    losses = {int(row["step"]): float(row["train_loss"]) for row in rows if row.get("train_loss")}  # the restart's rows come last
     assert sorted(losses) == [2, 3, 4, 5]  # (0-based) steps 3..6: it went on from step 2
     expected = saved["save_3d"]["losses"][2:]
     torch.testing.assert_close(torch.tensor([losses[s] for s in range(2, 6)]), torch.tensor(expected), rtol=LOSS_RTOL, atol=0.0)
