@@ -9,7 +9,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("name", ["suite", "overhead", "vs_lightning", "layouts", "measure", "turns"])
+@pytest.mark.parametrize("name", ["suite", "overhead", "vs_lightning", "layouts", "measure", "turns", "levers"])
 def test_bench_modules_import_without_running(name: str) -> None:
     module = importlib.import_module(f"lightning_3d.bench.{name}")
     assert module.__doc__
