@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import lightning as L
@@ -112,18 +113,27 @@ class CausalLM(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optim_config
-        # no weight decay on norm gains (1-D parameters)
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            eps=cfg.eps,
-        )
-        decay_steps = cfg.decay_steps or max(1, self.trainer.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio)
-        )
+        optimizer, scheduler = adamw_with_schedule(self.parameters(), self.optim_config, self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw_with_schedule(
+    params: Iterable[torch.nn.Parameter], optim: OptimConfig, max_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with no weight decay on norm gains (1-D parameters), and its per-step LR schedule:
+    linear warmup, then cosine decay over ``optim.decay_steps`` (default ``max_steps``)."""
+    params = list(params)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+    )
+    decay_steps = optim.decay_steps or max(1, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, optim.warmup_steps, decay_steps, optim.min_lr_ratio)
+    )
+    return optimizer, scheduler

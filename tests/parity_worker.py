@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+from lightning_3d.bench.measure import compose_config
 from lightning_3d.config import Config
-from lightning_3d.train import CONF_DIR, build, resume_path, shutdown_distributed, to_config
+from lightning_3d.train import build, resume_path, shutdown_distributed
 
 FULL = StateDictOptions(full_state_dict=True)
 FULL_FLAT = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
@@ -55,14 +54,7 @@ def logged_metrics(run_dir: Path) -> dict[str, float]:
 
 def compose_case(run_dir: Path, overrides: list[str]) -> Config:
     """The CLI's config for these overrides, sized to the torchrun world this process is in."""
-    local_world = int(os.environ["LOCAL_WORLD_SIZE"])
-    nodes = int(os.environ["WORLD_SIZE"]) // local_world
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[f"run_dir={run_dir}", f"trainer.devices={local_world}", f"trainer.num_nodes={nodes}", *overrides],
-        )
-    return to_config(cfg)
+    return compose_config(run_dir, overrides)
 
 
 def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:

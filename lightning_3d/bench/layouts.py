@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from lightning_3d.bench.launch import run_workers
@@ -33,11 +34,11 @@ from lightning_3d.bench.measure import (
     compose_config,
     current_rss_bytes,
     median,
-    peak_rss_bytes,
     release_memory,
     reset_peak_rss,
     steady_step_times,
 )
+from lightning_3d.callbacks.performance import peak_memory_bytes
 
 MODULE = "lightning_3d.bench.layouts"
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
@@ -83,7 +84,7 @@ def _measure_layout(out_dir: Path, layout: dict[str, int], steps: int, warmup: i
     timer, state = StepTimer(), LocalStateProbe()
     trainer, model, datamodule = build(config, callbacks=[timer, state])
     trainer.fit(model, datamodule=datamodule)
-    memory = {"peak_rss": peak_rss_bytes(), "rss_at_start": baseline, **state.bytes}
+    memory = {"peak_rss": peak_memory_bytes(torch.device("cpu")), "rss_at_start": baseline, **state.bytes}
     per_rank: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, memory)
     return {

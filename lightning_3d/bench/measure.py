@@ -3,11 +3,11 @@
 - :class:`StepTimer`: ``time.perf_counter()`` at the start of every training batch and the
   loss after it; a step lasts from its start to the next step's start, so data loading,
   logging and every callback count, as they would in a plain loop.
-- peak RSS of this process (``ru_maxrss``), whose high-water mark can be reset between
-  runs that share one process;
+- the RSS high-water mark of this process, reset between runs that share one process
+  (read with ``lightning_3d.callbacks.performance.peak_memory_bytes``);
 - the bytes of this rank's local shards of parameters, gradients and optimizer states;
 - for the hand-written baselines: the reference model with the strategy's initial weights,
-  and the AdamW + warmup-cosine optimizer of :class:`~lightning_3d.module.CausalLM`.
+  (their optimizer is :func:`lightning_3d.module.adamw_with_schedule`, as CausalLM's).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -29,9 +28,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from lightning_3d.config import Config, OptimConfig
+from lightning_3d.config import Config
 from lightning_3d.models.llama import Transformer, init_parameter
-from lightning_3d.module import warmup_cosine
 from lightning_3d.parallel.materialize import materialize
 
 
@@ -101,10 +99,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def current_rss_bytes() -> int:
     """Resident set size now (Linux; 0 elsewhere)."""
     try:
@@ -167,28 +161,6 @@ def initialized_model(config: Config) -> Transformer:
     # named as the strategy names them: CausalLM keeps the model under "model"
     materialize(model, "model", torch.device("cpu"), fill, config.seed)
     return model
-
-
-def adamw_with_schedule(
-    params: Iterable[torch.nn.Parameter], optim: OptimConfig, max_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its per-step LR schedule exactly as ``CausalLM.configure_optimizers`` sets them up:
-    weight decay on matrices only, linear warmup, then cosine decay."""
-    params = list(params)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=optim.lr,
-        betas=tuple(optim.betas),
-        eps=optim.eps,
-    )
-    decay_steps = optim.decay_steps or max(1, max_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, optim.warmup_steps, decay_steps, optim.min_lr_ratio)
-    )
-    return optimizer, schedule
 
 
 def bench_overrides(steps: int) -> list[str]:
