@@ -1,6 +1,14 @@
 """lightning_3d: a Lightning strategy for 4D-parallel transformer training."""
 
-from lightning_3d.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, PerfConfig, TrainerConfig
+from lightning_3d.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    PerfConfig,
+    TrainerConfig,
+)
 from lightning_3d.dims import ParallelDims
 from lightning_3d.models.llama import Transformer
 from lightning_3d.module import CausalLM

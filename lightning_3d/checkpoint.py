@@ -35,7 +35,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+
+from lightning_3d.errors import ConfigError
 
 STEP_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.pt"
@@ -73,14 +79,14 @@ def resolve_resume(resume: Optional[str], directory: str | Path) -> Optional[str
         return str(found[-1]) if found else None
     path = Path(resume)
     if not path.exists():
-        raise ValueError(f"resume={resume}: no such checkpoint folder")
+        raise ConfigError(f"resume={resume}: no such checkpoint folder")
     if not path.is_dir() or not (path / DCP_METADATA).is_file():
-        raise ValueError(
+        raise ConfigError(
             f"resume={resume} is not a checkpoint: a checkpoint is a folder {STEP_PREFIX}<N> holding "
             f"{DCP_METADATA} (written last; missing after an interrupted save)"
         )
     if not (path / TRAINER_STATE).is_file():
-        raise ValueError(f"resume={resume}: the checkpoint has no {TRAINER_STATE}; it was not written by lightning_3d")
+        raise ConfigError(f"resume={resume}: the checkpoint has no {TRAINER_STATE}; it was not written by lightning_3d")
     return str(path)
 
 
@@ -95,7 +101,7 @@ def canonical_names(state: Mapping[str, Any], root: str, pipelined: bool) -> dic
     pattern = re.compile(rf"(^|\.){re.escape(root)}\.\d+\.")
     renamed = {pattern.sub(rf"\g<1>{root}.", key, count=1): value for key, value in state.items()}
     if len(renamed) != len(state):
-        raise ValueError(f"pipeline stages under {root!r} share parameter names; each stage must own distinct parameters")
+        raise ConfigError(f"pipeline stages under {root!r} share parameter names; each stage must own distinct parameters")
     return renamed
 
 
@@ -137,7 +143,7 @@ def read_metadata(path: str | Path) -> Metadata:
         with open(path / DCP_METADATA, "rb") as handle:
             return _MetadataUnpickler(handle).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
-        raise ValueError(f"checkpoint {path}: unreadable {DCP_METADATA} ({error})") from error
+        raise ConfigError(f"checkpoint {path}: unreadable {DCP_METADATA} ({error})") from error
 
 
 class SafeReader(FileSystemReader):
@@ -171,10 +177,10 @@ def check_shards(path: str | Path, metadata: Metadata) -> None:
     for name, size in sorted(needed.items()):
         file = path / name
         if not file.is_file():
-            raise ValueError(f"checkpoint {path}: shard {name} is missing")
+            raise ConfigError(f"checkpoint {path}: shard {name} is missing")
         actual = file.stat().st_size
         if actual < size:
-            raise ValueError(f"checkpoint {path}: shard {name} is truncated: {actual} bytes, the index needs {size}")
+            raise ConfigError(f"checkpoint {path}: shard {name} is truncated: {actual} bytes, the index needs {size}")
 
 
 def fit_problems(path: str | Path, expected: Mapping[str, Iterable[int]], prefix: str = MODEL_KEY) -> list[str]:
@@ -209,14 +215,14 @@ def fit_problems(path: str | Path, expected: Mapping[str, Iterable[int]], prefix
 def raise_if_problems(what: str, problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"{what}: {problems[0]}{more}")
+        raise ConfigError(f"{what}: {problems[0]}{more}")
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(Path(path) / TRAINER_STATE, weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which
-        raise ValueError(f"checkpoint {path}: cannot read {TRAINER_STATE} ({type(error).__name__}: {error})") from error
+        raise ConfigError(f"checkpoint {path}: cannot read {TRAINER_STATE} ({type(error).__name__}: {error})") from error
 
 
 def write_atomically(obj: Any, target: Path) -> None:
@@ -265,7 +271,7 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     state, on one process without any process group."""
     path = Path(path)
     if not is_complete(path):
-        raise ValueError(f"{path} is not a complete checkpoint (no {DCP_METADATA} or {TRAINER_STATE})")
+        raise ConfigError(f"{path} is not a complete checkpoint (no {DCP_METADATA} or {TRAINER_STATE})")
     trainer_state = load_trainer_state(path)
     metadata = read_metadata(path)
     check_shards(path, metadata)
@@ -289,9 +295,9 @@ class SafetensorsWeights:
         elif path.is_file():
             files = [path]
         else:
-            raise ValueError(f"model.init_from={path}: no such file or folder")
+            raise ConfigError(f"model.init_from={path}: no such file or folder")
         if not files:
-            raise ValueError(f"model.init_from={path}: the folder holds no .safetensors file")
+            raise ConfigError(f"model.init_from={path}: the folder holds no .safetensors file")
         self.path = path
         self._file_of: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -302,7 +308,7 @@ class SafetensorsWeights:
                         self._file_of[name] = file
                         self.shapes[name] = tuple(handle.get_slice(name).get_shape())
             except Exception as error:  # safetensors raises its own error types for bad headers
-                raise ValueError(f"model.init_from: cannot read {file} ({error})") from error
+                raise ConfigError(f"model.init_from: cannot read {file} ({error})") from error
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self._file_of[name], framework="pt") as handle:

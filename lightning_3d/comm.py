@@ -51,7 +51,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_3d.config import Config, ModelConfig
 from lightning_3d.dims import ParallelDims
-from lightning_3d.parallel.pipeline_parallel import V_SHAPED, num_microbatches, split_blocks, stages_of_rank
+from lightning_3d.errors import ConfigError
+from lightning_3d.parallel.pipeline_parallel import (
+    V_SHAPED,
+    num_microbatches,
+    split_blocks,
+    stages_of_rank,
+)
 
 # the mesh dims themselves win over flattened views (dp, fsdp, loss) of the same process group
 BASIC_DIMS = ("tp", "cp", "pp", "dp_shard", "dp_replicate")
@@ -352,7 +358,7 @@ def expected_step_volume(config: Config, dims: ParallelDims, pp_rank: int = 0) -
     """
     problems = modeling_problems(config, dims)
     if problems:
-        raise ValueError("no analytic communication volume for this run: " + "; ".join(problems))
+        raise ConfigError("no analytic communication volume for this run: " + "; ".join(problems))
     parallel, model = config.parallel, config.model
     if dims.pp > 1:
         num_stages = dims.pp * parallel.stages_per_rank

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_3d.errors import ConfigError
+
 
 @dataclass
 class ModelConfig:
@@ -63,7 +65,7 @@ class ModelConfig:
         if self.n_heads > 0 and self.kv_heads > 0 and self.n_heads % self.kv_heads:
             problems.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
         if problems:
-            raise ValueError("invalid model config: " + "; ".join(problems))
+            raise ConfigError("invalid model config: " + "; ".join(problems))
 
 
 @dataclass

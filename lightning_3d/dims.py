@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lightning_3d.config import ParallelConfig
+from lightning_3d.errors import ConfigError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -45,11 +46,11 @@ class ParallelDims:
         if world_size <= 0:
             problems.append(f"world size {world_size} must be >= 1")
         if problems:
-            raise ValueError("invalid parallel layout: " + "; ".join(problems))
+            raise ConfigError("invalid parallel layout: " + "; ".join(problems))
         others = degrees["pp"] * degrees["dp_replicate"] * degrees["cp"] * degrees["tp"]
         if degrees["dp_shard"] == -1:
             if world_size % others:
-                raise ValueError(
+                raise ConfigError(
                     f"pp={degrees['pp']} × dp_replicate={degrees['dp_replicate']} × cp={degrees['cp']} × "
                     f"tp={degrees['tp']} = {others} does not divide the world size {world_size}, so dp_shard=-1 "
                     f"cannot take the leftover ranks; degrees that divide {world_size}: {divisors(world_size)}"
@@ -58,7 +59,7 @@ class ParallelDims:
         product = others * degrees["dp_shard"]
         if product != world_size:
             shown = " × ".join(f"{name}={degrees[name]}" for name in MESH_DIMS)
-            raise ValueError(
+            raise ConfigError(
                 f"{shown} = {product} ranks, but the world size is {world_size} (devices × nodes); "
                 f"make the product equal the world size, or set dp_shard=-1 to use the leftover ranks"
             )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Any, Optional
 
 import lightning as L

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.grad_clip import local_grad_square_sum
 
 POLICIES = ("stop", "skip")
@@ -68,7 +69,7 @@ class NonFiniteGuard:
     def __init__(self, policy: str = "stop", max_skipped: int = 5) -> None:
         problems = policy_problems(policy, max_skipped)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
         self.policy = policy
         self.max_skipped = max_skipped
         self.skipped_in_a_row = 0

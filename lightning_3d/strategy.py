@@ -29,7 +29,11 @@ from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import (
+    rank_zero_info,
+    rank_zero_only,
+    rank_zero_warn,
+)
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemWriter
@@ -48,9 +52,9 @@ from typing_extensions import override
 from lightning_3d.checkpoint import (
     MODEL_KEY,
     RNG_DIR,
+    TRAINER_STATE,
     SafeLoadPlanner,
     SafeReader,
-    TRAINER_STATE,
     canonical_names,
     fit_problems,
     load_trainer_state,
@@ -65,14 +69,19 @@ from lightning_3d.checkpoint import (
 )
 from lightning_3d.config import ParallelConfig, PerfConfig, TrainerConfig
 from lightning_3d.dims import ParallelDims
+from lightning_3d.errors import ConfigError
 from lightning_3d.health import Heartbeat, is_communication_failure, nccl_debug_env
 from lightning_3d.launcher import SubprocessLauncher
+from lightning_3d.loss import count_tokens, sum_over
 from lightning_3d.nonfinite import NonFiniteError, NonFiniteGuard, step_health
 from lightning_3d.parallel import parallelize
-from lightning_3d.loss import count_tokens, sum_over
 from lightning_3d.parallel.context_parallel import shard_sequence
 from lightning_3d.parallel.grad_clip import clip_grad_norm_, reduce_partial_grads
-from lightning_3d.parallel.pipeline_parallel import PipelineLoss, build_schedules, num_microbatches
+from lightning_3d.parallel.pipeline_parallel import (
+    PipelineLoss,
+    build_schedules,
+    num_microbatches,
+)
 from lightning_3d.plans.base import ParallelPlan
 from lightning_3d.validation import check_layout, perf_problems, raise_problems
 
@@ -237,13 +246,13 @@ class ModelParallel4DStrategy(ParallelStrategy):
         if module is not None and self.parallel.pp > 1:
             missing = [hook for hook in ("pipeline_batch", "record_loss") if not hasattr(module, hook)]
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"parallel.pp={self.parallel.pp}: {type(module).__name__} lacks {missing}; a pipelined module "
                     "defines `pipeline_batch(batch) -> (input_ids, labels)` and `record_loss(stage, loss, tokens)` "
                     "(see README, 'Bring your own model')"
                 )
         if module is not None and not hasattr(module, "parallel_plan"):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(module).__name__} defines no `parallel_plan(parallel_config)` method: the strategy needs "
                 f"the block container and root module to shard (parallel.tp={self.parallel.tp}); see ParallelPlan"
             )
@@ -588,7 +597,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         try:
             dcp.load(tensors, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         except CheckpointException as error:
-            raise ValueError(f"checkpoint {path} could not be read (corrupted shard?): {error}") from error
+            raise ConfigError(f"checkpoint {path} could not be read (corrupted shard?): {error}") from error
         pipelined = self.dims.pp > 1
         set_model_state_dict(module, local_names(tensors[MODEL_KEY], model_state, self._plan_root, pipelined))
         for index, (optimizer, keys) in enumerate(zip(optimizers, optimizer_keys)):

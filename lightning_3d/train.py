@@ -35,13 +35,20 @@ from lightning_3d.config import Config
 from lightning_3d.data import TextDataModule
 from lightning_3d.data.sources import data_file_problems
 from lightning_3d.dims import ParallelDims
+from lightning_3d.errors import ConfigError
 from lightning_3d.flops import flops_per_token
 from lightning_3d.health import summary
 from lightning_3d.models.llama import PretrainedWeights, Transformer
 from lightning_3d.module import CausalLM
 from lightning_3d.nonfinite import NonFiniteError, policy_problems
 from lightning_3d.strategy import ModelParallel4DStrategy
-from lightning_3d.validation import Hardware, layout_problems, perf_problems, raise_problems, trainer_problems
+from lightning_3d.validation import (
+    Hardware,
+    layout_problems,
+    perf_problems,
+    raise_problems,
+    trainer_problems,
+)
 
 # config groups chosen by name on the command line (`recipe=tiny`), besides Config's own fields
 CONFIG_GROUPS = ("model", "data", "parallel", "trainer", "optim", "recipe")
@@ -70,7 +77,7 @@ def register_configs() -> None:
     store.store(name="config_schema", node=Config)
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         if not path.read_text().startswith("# @package _global_"):
-            raise ValueError(f"recipe {path} must start with '# @package _global_'")
+            raise ConfigError(f"recipe {path} must start with '# @package _global_'")
         store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
@@ -132,7 +139,7 @@ def recipe_key_problems(args: list[str]) -> list[str]:
 def world_size_of(config: Config) -> int:
     devices = config.trainer.devices
     if not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"trainer.devices={devices!r} must be a positive number of processes per node")
+        raise ConfigError(f"trainer.devices={devices!r} must be a positive number of processes per node")
     return devices * config.trainer.num_nodes
 
 

@@ -12,11 +12,21 @@ from typing import Optional
 import torch
 from lightning.fabric.connector import _convert_precision_to_unified_args
 
-from lightning_3d.config import DataConfig, ModelConfig, ParallelConfig, PerfConfig, TrainerConfig
+from lightning_3d.config import (
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    PerfConfig,
+    TrainerConfig,
+)
 from lightning_3d.dims import ParallelDims, divisors
+from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.activation_checkpoint import activation_checkpoint_problems
 from lightning_3d.parallel.compile import compile_problems, float8_problems
-from lightning_3d.parallel.data_parallel import SUPPORTED_PRECISIONS, data_parallel_problems
+from lightning_3d.parallel.data_parallel import (
+    SUPPORTED_PRECISIONS,
+    data_parallel_problems,
+)
 from lightning_3d.parallel.pipeline_parallel import (
     NEEDS_MICROBATCHES_PER_STAGE,
     SCHEDULES,
@@ -49,7 +59,7 @@ class Hardware:
 
 def raise_problems(problems: list[str]) -> None:
     if problems:
-        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 def trainer_problems(trainer: TrainerConfig, hardware: Optional[Hardware] = None) -> list[str]:

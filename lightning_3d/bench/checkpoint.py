@@ -28,7 +28,13 @@ def _worker(out: Path, overrides: list[str]) -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from lightning_3d.train import CONF_DIR, build, resume_path, shutdown_distributed, to_config
+    from lightning_3d.train import (
+        CONF_DIR,
+        build,
+        resume_path,
+        shutdown_distributed,
+        to_config,
+    )
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"trainer.devices={os.environ['LOCAL_WORLD_SIZE']}", *overrides])

@@ -26,7 +26,12 @@ from lightning_3d.bench.memory import SavedTensorBytes
 from lightning_3d.config import ModelConfig
 from lightning_3d.models.llama import Transformer
 from lightning_3d.parallel import context_parallel
-from lightning_3d.parallel.context_parallel import ContextParallelAttention, apply_context_parallel, chunk_ids, shard_sequence
+from lightning_3d.parallel.context_parallel import (
+    ContextParallelAttention,
+    apply_context_parallel,
+    chunk_ids,
+    shard_sequence,
+)
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 8, 2, 16
 

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from lightning_3d.bench.launch import run_workers
-from lightning_3d.bench.measure import StepTimer, bench_overrides, compose_config, initialized_model, median
+from lightning_3d.bench.measure import (
+    StepTimer,
+    bench_overrides,
+    compose_config,
+    initialized_model,
+    median,
+)
 from lightning_3d.config import Config
 from lightning_3d.data import TextDataModule
 from lightning_3d.module import adamw_with_schedule

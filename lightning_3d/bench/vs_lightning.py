@@ -52,7 +52,13 @@ from torch.distributed.tensor.parallel import (
 from typing_extensions import override
 
 from lightning_3d.bench.launch import run_workers
-from lightning_3d.bench.measure import StepTimer, bench_overrides, compose_config, initialized_model, median
+from lightning_3d.bench.measure import (
+    StepTimer,
+    bench_overrides,
+    compose_config,
+    initialized_model,
+    median,
+)
 from lightning_3d.bench.turns import TurnTimer, fit_in_turns
 from lightning_3d.config import Config
 from lightning_3d.data import TextDataModule

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from lightning_3d.checkpoint import STEP_PREFIX
+from lightning_3d.errors import ConfigError
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -39,9 +40,9 @@ class StepCheckpoint(ModelCheckpoint):
     @staticmethod
     def check_options(every_n_steps: Optional[int], keep_last: int) -> None:
         if keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1 (the newest checkpoint is always kept)")
+            raise ConfigError(f"checkpoint.keep_last={keep_last} must be >= 1 (the newest checkpoint is always kept)")
         if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"checkpoint.every_n_steps={every_n_steps} must be >= 1 (or null for no checkpoints)")
+            raise ConfigError(f"checkpoint.every_n_steps={every_n_steps} must be >= 1 (or null for no checkpoints)")
 
     @override
     def on_train_batch_end(

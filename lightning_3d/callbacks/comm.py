@@ -9,7 +9,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_3d.comm import CommCounter, CommRecord, Totals, Volume, group_labels, per_dim, totals
+from lightning_3d.comm import (
+    CommCounter,
+    CommRecord,
+    Totals,
+    Volume,
+    group_labels,
+    per_dim,
+    totals,
+)
 
 
 class CommAccounting(Callback):

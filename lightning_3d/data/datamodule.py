@@ -13,6 +13,7 @@ from lightning_3d.config import DataConfig
 from lightning_3d.data.dataset import TokenWindowDataset
 from lightning_3d.data.sampler import GlobalOrderSampler
 from lightning_3d.data.sources import load_token_splits
+from lightning_3d.errors import ConfigError
 from lightning_3d.validation import global_batch_problem
 
 
@@ -75,7 +76,7 @@ class TextDataModule(lightning.LightningDataModule):
     def _check_batch_layout(self) -> None:
         problem = global_batch_problem(self.config.global_batch_size, self.dp_size, self.accumulate_grad_batches)
         if problem:
-            raise ValueError(problem)
+            raise ConfigError(problem)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -93,7 +94,7 @@ class TextDataModule(lightning.LightningDataModule):
         if self._resume_position is not None:
             samples = self._resume_position["samples_in_epoch"]
             if samples % self.micro_batch_size:
-                raise ValueError(
+                raise ConfigError(
                     f"cannot resume at sample {samples} of the epoch with batches of {self.micro_batch_size} sequences "
                     f"(global_batch_size {self.config.global_batch_size} / accumulate_grad_batches {self.accumulate_grad_batches})"
                 )
@@ -118,7 +119,7 @@ class TextDataModule(lightning.LightningDataModule):
         if not state_dict:
             return
         if state_dict["seed"] != self.seed:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's data order comes from seed {state_dict['seed']}, this run has seed {self.seed}: "
                 "the resumed run would not continue the same sample order"
             )

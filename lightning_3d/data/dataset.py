@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_3d.errors import ConfigError
+
 
 class TokenWindowDataset(Dataset):
     """Non-overlapping windows of ``seq_len`` next-token-prediction pairs.
@@ -17,15 +19,15 @@ class TokenWindowDataset(Dataset):
 
     def __init__(self, tokens: np.ndarray, seq_len: int, name: str = "dataset") -> None:
         if seq_len <= 0:
-            raise ValueError(f"seq_len={seq_len} must be > 0")
+            raise ConfigError(f"seq_len={seq_len} must be > 0")
         if np.ndim(tokens) != 1:
-            raise ValueError(f"the {name} tokens must be a 1-D array, got shape {np.shape(tokens)}")
+            raise ConfigError(f"the {name} tokens must be a 1-D array, got shape {np.shape(tokens)}")
         self.tokens = tokens
         self.seq_len = seq_len
         self.name = name
         self._length = (len(tokens) - 1) // seq_len if len(tokens) else 0
         if self._length == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the {name} split has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1} "
                 "needed for one sample"
             )

@@ -12,6 +12,8 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_3d.errors import ConfigError
+
 
 class GlobalOrderSampler(DistributedSampler):
     """Indices of this rank's share of global batches ``start_batch, start_batch+1, ...``.
@@ -45,20 +47,20 @@ class GlobalOrderSampler(DistributedSampler):
         seq_len: Optional[int] = None,
     ) -> None:
         if num_replicas <= 0:
-            raise ValueError(f"num_replicas={num_replicas} must be > 0")
+            raise ConfigError(f"num_replicas={num_replicas} must be > 0")
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank={rank} must be in [0, {num_replicas - 1}] for num_replicas={num_replicas}")
+            raise ConfigError(f"rank={rank} must be in [0, {num_replicas - 1}] for num_replicas={num_replicas}")
         if global_batch <= 0:
-            raise ValueError(f"global_batch={global_batch} must be > 0")
+            raise ConfigError(f"global_batch={global_batch} must be > 0")
         if global_batch % num_replicas:
-            raise ValueError(
+            raise ConfigError(
                 f"global batch {global_batch} is not divisible by the {num_replicas} data-parallel ranks"
             )
         if max_batches is not None and max_batches <= 0:
-            raise ValueError(f"max_batches={max_batches} must be > 0 (or None for no cap)")
+            raise ConfigError(f"max_batches={max_batches} must be > 0 (or None for no cap)")
         if dataset_len < global_batch:
             of_seq_len = f" of seq_len {seq_len}" if seq_len is not None else ""
-            raise ValueError(
+            raise ConfigError(
                 f"the {name} split has {dataset_len} sequences{of_seq_len}, "
                 f"fewer than one global batch of {global_batch}"
             )
@@ -75,7 +77,7 @@ class GlobalOrderSampler(DistributedSampler):
     def resume_at(self, epoch: int, batch: int) -> None:
         """Start epoch ``epoch`` at global batch ``batch`` (the batches before it were trained on)."""
         if epoch < 0 or batch < 0:
-            raise ValueError(f"cannot resume at epoch {epoch}, batch {batch}: both must be >= 0")
+            raise ConfigError(f"cannot resume at epoch {epoch}, batch {batch}: both must be >= 0")
         self.resume_epoch, self.resume_batch = epoch, batch
 
     @property

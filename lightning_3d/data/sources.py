@@ -23,6 +23,7 @@ import numpy as np
 
 from lightning_3d.config import DataConfig
 from lightning_3d.data.tokenizer import ByteTokenizer
+from lightning_3d.errors import ConfigError
 
 VALID_SOURCES = ("stdlib", "files")
 VALID_TOKEN_DTYPES = ("uint16", "uint32")
@@ -153,28 +154,28 @@ def data_file_problems(config: DataConfig) -> list[str]:
 
 def _check_config(config: DataConfig) -> None:
     if config.source not in VALID_SOURCES:
-        raise ValueError(f"data.source={config.source!r} is not one of {', '.join(VALID_SOURCES)}")
+        raise ConfigError(f"data.source={config.source!r} is not one of {', '.join(VALID_SOURCES)}")
     if config.source == "files" and not config.paths:
-        raise ValueError("data.source='files' needs data.paths: a list of text, .jsonl or .bin files or folders")
+        raise ConfigError("data.source='files' needs data.paths: a list of text, .jsonl or .bin files or folders")
     if config.source == "stdlib" and config.paths:
         # Silently ignoring the paths would train on the wrong corpus.
-        raise ValueError(
+        raise ConfigError(
             f"data.paths={list(config.paths)} is set but data.source='stdlib' ignores it; set data.source=files"
         )
     if config.token_dtype not in VALID_TOKEN_DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f"data.token_dtype={config.token_dtype!r} is not one of {', '.join(VALID_TOKEN_DTYPES)}"
         )
     if config.seq_len <= 0:
-        raise ValueError(f"data.seq_len={config.seq_len} must be > 0")
+        raise ConfigError(f"data.seq_len={config.seq_len} must be > 0")
     if not config.val_paths and not 0.0 <= config.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={config.val_fraction} must be in [0, 1)")
+        raise ConfigError(f"data.val_fraction={config.val_fraction} must be in [0, 1)")
     _check_max_bytes(config.max_bytes)
 
 
 def _check_max_bytes(max_bytes: Optional[int]) -> None:
     if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"data.max_bytes={max_bytes} must be > 0 (or None for no cap)")
+        raise ConfigError(f"data.max_bytes={max_bytes} must be > 0 (or None for no cap)")
 
 
 def _read_training_corpus(config: DataConfig) -> _Corpus:
@@ -242,13 +243,13 @@ def _keep_file(file: _DataFile) -> bool:
     info = _stat(file.path)
     if not stat.S_ISREG(info.st_mode):
         kind = next((name for test, name in _SPECIAL_FILE_KINDS if test(info.st_mode)), "special file")
-        raise ValueError(
+        raise ConfigError(
             f"data path {file.path} is not a regular file but a {kind}; "
             "data paths must be text, .jsonl or .bin files or folders of them"
         )
     if info.st_size == 0:
         if file.named:
-            raise ValueError(f"data file {file.path} is empty (0 bytes)")
+            raise ConfigError(f"data file {file.path} is empty (0 bytes)")
         return False  # folders often hold empty files such as __init__.py
     return True
 
@@ -281,7 +282,7 @@ def _probe_file(file: _DataFile, config: DataConfig) -> None:
         _open_token_file(file.path, config.token_dtype)
     # A shorter read than asked for is the whole file.
     if is_jsonl and file.named and len(head) < _PROBE_BYTES and not head.decode("utf-8", "replace").strip():
-        raise ValueError(_no_records_message(file.path))
+        raise ConfigError(_no_records_message(file.path))
 
 
 def _no_records_message(path: Path) -> str:
@@ -318,23 +319,23 @@ def _iter_jsonl_documents(file: _DataFile, text_key: str) -> Iterator[_Document]
     except OSError as error:
         raise _unreadable(path, error) from None
     if not records and file.named:
-        raise ValueError(_no_records_message(path))
+        raise ConfigError(_no_records_message(path))
 
 
 def _jsonl_text(path: Path, line_number: int, line: str, text_key: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} line {line_number} is not valid JSON: {error.msg}") from None
+        raise ConfigError(f"{path} line {line_number} is not valid JSON: {error.msg}") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path} line {line_number} is a JSON {type(record).__name__}, not an object")
+        raise ConfigError(f"{path} line {line_number} is a JSON {type(record).__name__}, not an object")
     if text_key not in record:
-        raise ValueError(
+        raise ConfigError(
             f"{path} line {line_number} has no field {text_key!r} (data.text_key); fields there: {sorted(record)}"
         )
     text = record[text_key]
     if not isinstance(text, str):
-        raise ValueError(f"{path} line {line_number}: field {text_key!r} is a {type(text).__name__}, not a string")
+        raise ConfigError(f"{path} line {line_number}: field {text_key!r} is a {type(text).__name__}, not a string")
     return text
 
 
@@ -357,7 +358,7 @@ def _open_token_file(path: Path, token_dtype: str) -> np.ndarray:
     dtype = np.dtype(token_dtype)
     size = _stat(path).st_size
     if size % dtype.itemsize:
-        raise ValueError(
+        raise ConfigError(
             f"{path} has {size} bytes, not a multiple of {dtype.itemsize} bytes per {token_dtype} token: "
             f"is data.token_dtype={token_dtype!r} the dtype it was written with?"
         )
@@ -382,7 +383,7 @@ def _check_not_uint32_as_uint16(tokens: np.ndarray, path: Path) -> None:
     head = np.asarray(tokens[:_DTYPE_SCAN_ELEMENTS])
     if head[1::2].any() or not head[0::2].any():
         return
-    raise ValueError(
+    raise ConfigError(
         f"{path} looks like uint32 tokens read as data.token_dtype='uint16': all {len(head) // 2} "
         f"odd-position elements of its first {len(head)} are 0, as the high halves of uint32 ids below "
         "65536 are; set data.token_dtype=uint32 if it was written as uint32"
@@ -394,20 +395,20 @@ def _check_not_uint32_as_uint16(tokens: np.ndarray, path: Path) -> None:
 
 def _check_not_empty(corpus: _Corpus) -> None:
     if not corpus.documents and not any(len(stream.tokens) for stream in corpus.streams):
-        raise ValueError(f"empty corpus: no documents and zero tokens found in {corpus.description}")
+        raise ConfigError(f"empty corpus: no documents and zero tokens found in {corpus.description}")
 
 
 def _check_token_ids(corpus: _Corpus, vocab_size: int) -> None:
     tokenizer = ByteTokenizer()
     if corpus.documents and vocab_size < tokenizer.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{corpus.documents[0].origin} is text: byte tokens reach id {tokenizer.eos_id} (eos), "
             f"but vocab_size={vocab_size}; it needs vocab_size >= {tokenizer.vocab_size}"
         )
     for stream in corpus.streams:
         largest = _chunked_max(stream.tokens)
         if largest is not None and largest >= vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{stream.origin} holds token id {largest} (its max), not below vocab_size={vocab_size}"
                 + _dtype_hint(stream.tokens.dtype, largest)
             )
@@ -495,7 +496,7 @@ def _tail_split(tokens: np.ndarray, config: DataConfig, origin: str) -> tuple[np
     window = config.seq_len + 1
     val_len = max(math.ceil(len(tokens) * config.val_fraction), window)
     if len(tokens) - val_len < window:
-        raise ValueError(
+        raise ConfigError(
             f"{origin} has {len(tokens)} tokens: too few to split into validation ({val_len} tokens) and "
             f"training (at least seq_len+1 = {window} tokens); add data, lower data.seq_len or set data.val_paths"
         )

@@ -217,7 +217,10 @@ class PretrainedWeights:
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        from lightning_3d.checkpoint import SafetensorsWeights, raise_if_problems  # the model file itself needs no I/O
+        from lightning_3d.checkpoint import (  # the model file itself needs no I/O
+            SafetensorsWeights,
+            raise_if_problems,
+        )
 
         self.config = config
         self.files = SafetensorsWeights(config.init_from)

@@ -18,12 +18,20 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_3d.config import ParallelConfig, PerfConfig
 from lightning_3d.dims import ParallelDims
+from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.activation_checkpoint import apply_activation_checkpointing
 from lightning_3d.parallel.compile import apply_compile, apply_float8
 from lightning_3d.parallel.context_parallel import apply_context_parallel
-from lightning_3d.parallel.data_parallel import apply_data_parallel, mixed_precision_policy
+from lightning_3d.parallel.data_parallel import (
+    apply_data_parallel,
+    mixed_precision_policy,
+)
 from lightning_3d.parallel.materialize import InitFn, has_meta_parameters, materialize
-from lightning_3d.parallel.pipeline_parallel import cut_stage, split_blocks, stages_of_rank
+from lightning_3d.parallel.pipeline_parallel import (
+    cut_stage,
+    split_blocks,
+    stages_of_rank,
+)
 from lightning_3d.parallel.tensor_parallel import apply_tensor_parallel, blocks_of
 from lightning_3d.plans.base import ParallelPlan
 
@@ -65,7 +73,7 @@ def parallelize(
             "`init_parameter(name, full_tensor, generator)` to initialize them"
         )
     if dims.pp > 1 and not on_meta:
-        raise ValueError(
+        raise ConfigError(
             f"pipeline parallel (pp={dims.pp}) cuts the model before any weight exists: create the model in "
             f"{type(module).__name__}.configure_model(), which the strategy runs on the meta device"
         )
@@ -98,5 +106,5 @@ def parallelize(
             materialize(part, plan.root, device, init_fn, seed)
     leftover = [name for name, param in module.named_parameters() if param.is_meta]
     if leftover:
-        raise ValueError(f"parameters outside the plan's root {plan.root!r} cannot be materialized: {leftover[:5]}")
+        raise ConfigError(f"parameters outside the plan's root {plan.root!r} cannot be materialized: {leftover[:5]}")
     return stages

@@ -23,9 +23,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper,
+)
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    create_selective_checkpoint_contexts,
+)
 
+from lightning_3d.errors import ConfigError
 from lightning_3d.plans.base import ParallelPlan
 
 AC_MODES = ("none", "full", "selective", "op")
@@ -71,7 +77,7 @@ def apply_activation_checkpointing(model: nn.Module, plan: ParallelPlan, mode: s
     """Wrap the checkpointed blocks of ``model`` (the plan root or one pipeline stage) in place."""
     problems = activation_checkpoint_problems(mode, every)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
     if mode == "none":
         return
     container = model.get_submodule(plan.blocks)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
+from lightning_3d.errors import ConfigError
+
 BACKENDS = ("ring", "allgather", "native")
 
 
@@ -222,7 +224,7 @@ class ContextParallelAttention(nn.Module):
     def __init__(self, group: dist.ProcessGroup, backend: str, causal: bool = True) -> None:
         super().__init__()
         if backend not in ("ring", "allgather"):
-            raise ValueError(f"cp_backend={backend!r} is not available here; use one of ['ring', 'allgather']")
+            raise ConfigError(f"cp_backend={backend!r} is not available here; use one of ['ring', 'allgather']")
         self.group, self.backend, self.causal = group, backend, causal
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -19,9 +19,16 @@ import torch
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from lightning_3d.dims import ParallelDims
+from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.tensor_parallel import blocks_of, present_module
 from lightning_3d.plans.base import ParallelPlan
 
@@ -44,7 +51,7 @@ def data_parallel_problems(dims: ParallelDims, prefetch: int, cpu_offload: bool)
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     if precision not in _PARAM_DTYPE:
-        raise ValueError(f"precision={precision!r} is not supported; use one of {list(SUPPORTED_PRECISIONS)}")
+        raise ConfigError(f"precision={precision!r} is not supported; use one of {list(SUPPORTED_PRECISIONS)}")
     return MixedPrecisionPolicy(param_dtype=_PARAM_DTYPE[precision], reduce_dtype=torch.float32)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.tied import retie, tied_parameter_names
 
 InitFn = Callable[[str, Tensor, torch.Generator], None]
@@ -36,7 +37,7 @@ def _name_seed(seed: int, name: str) -> int:
 def has_meta_parameters(module: nn.Module) -> bool:
     meta = [p.is_meta for p in module.parameters()]
     if any(meta) and not all(meta):
-        raise ValueError(
+        raise ConfigError(
             f"{sum(meta)} of {len(meta)} parameters are on the meta device: create all of them in "
             "configure_model() (the strategy runs it on the meta device) or none"
         )

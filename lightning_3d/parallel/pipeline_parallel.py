@@ -31,6 +31,7 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 
+from lightning_3d.errors import ConfigError
 from lightning_3d.loss import cross_entropy_sum
 from lightning_3d.plans.base import ParallelPlan
 
@@ -70,7 +71,7 @@ def split_blocks(num_blocks: int, num_stages: int, first_weight: float, last_wei
     last ``last_weight`` (head). Every stage gets at least one block.
     """
     if num_stages > num_blocks:
-        raise ValueError(f"{num_stages} pipeline stages need at least {num_stages} blocks, the model has {num_blocks}")
+        raise ConfigError(f"{num_stages} pipeline stages need at least {num_stages} blocks, the model has {num_blocks}")
     extra = [0.0] * num_stages
     extra[0] += first_weight
     extra[-1] += last_weight
