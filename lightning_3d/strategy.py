@@ -75,7 +75,8 @@ from lightning_3d.launcher import SubprocessLauncher
 from lightning_3d.loss import count_tokens, sum_over
 from lightning_3d.nonfinite import NonFiniteError, NonFiniteGuard, step_health
 from lightning_3d.parallel import parallelize
-from lightning_3d.parallel.context_parallel import shard_sequence
+from lightning_3d.parallel.context_parallel import shard_batch
+from lightning_3d.parallel.materialize import meta_parameters
 from lightning_3d.parallel.grad_clip import clip_grad_norm_, reduce_partial_grads
 from lightning_3d.parallel.pipeline_parallel import (
     PipelineLoss,
@@ -317,9 +318,9 @@ class ModelParallel4DStrategy(ParallelStrategy):
     @contextmanager
     @override
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
-        # configure_model() always runs on the meta device: weights are materialized
-        # shard by shard after parallelization, so no rank ever holds the full model.
-        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+        # configure_model() creates its parameters on the meta device (buffers as usual): weights
+        # are materialized shard by shard after parallelization, so no rank ever holds the full model.
+        with meta_parameters(), self.precision_plugin.tensor_init_context():
             yield
 
     @override
@@ -423,16 +424,10 @@ class ModelParallel4DStrategy(ParallelStrategy):
         return loss_parallel() if self.parallel.loss_parallel and self.dims.tp > 1 else nullcontext()
 
     def _shard_for_context_parallel(self, batch: Any) -> Any:
-        """This cp rank's two sequence chunks of every (batch, seq, ...) tensor of the batch."""
         if self.dims.cp == 1:
             return batch
-        if not isinstance(batch, dict):
-            raise TypeError(f"context parallel shards dict batches along dim 1; got a {type(batch).__name__}")
-        rank = self.meshes["cp"].get_local_rank()
-        return {
-            key: shard_sequence(value, rank, self.dims.cp) if isinstance(value, Tensor) and value.ndim >= 2 else value
-            for key, value in batch.items()
-        }
+        keys = getattr(self.lightning_module, "context_parallel_keys", ())
+        return shard_batch(batch, self.meshes["cp"].get_local_rank(), self.dims.cp, keys)
 
     @override
     def training_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +49,39 @@ def shard_sequence(tensor: Tensor, rank: int, cp: int, dim: int = 1) -> Tensor:
     chunks = tensor.chunk(2 * cp, dim=dim)
     first, second = chunk_ids(rank, cp)
     return torch.cat([chunks[first], chunks[second]], dim=dim)
+
+
+# batch entries cut along the sequence (dim 1) unless the module names its own
+SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "positions")
+
+
+def shard_batch(batch: Any, rank: int, cp: int, sequence_keys: Iterable[str] = ()) -> Any:
+    """This cp rank's two chunks of each sequence-shaped entry of a dict batch.
+
+    Sequence-shaped entries are :data:`SEQUENCE_KEYS` plus ``sequence_keys`` (a module's
+    ``context_parallel_keys``); they are cut along dim 1. Any other tensor of two or more
+    dims is refused: cutting an image or a per-sample feature along dim 1 would be silently
+    wrong, and keeping it whole may be wrong too. 0-/1-D tensors and non-tensors pass unchanged.
+    """
+    if cp == 1:
+        return batch
+    if not isinstance(batch, Mapping):
+        raise ConfigError(
+            f"context parallel (cp={cp}) cuts dict batches by key; got a {type(batch).__name__}. Return a dict with "
+            f"{list(SEQUENCE_KEYS)} (or name the sequence keys in the module's `context_parallel_keys`)"
+        )
+    keys = set(SEQUENCE_KEYS) | set(sequence_keys)
+    unknown = {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, Tensor) and v.ndim >= 2 and k not in keys}
+    if unknown:
+        raise ConfigError(
+            f"context parallel (cp={cp}) cuts only sequence-shaped batch entries along dim 1 ({sorted(keys)}); "
+            f"the batch also has {unknown}. Name the entries that are (batch, sequence, ...) in the LightningModule's "
+            "`context_parallel_keys`, or drop the others from the batch"
+        )
+    short = {k: tuple(v.shape) for k, v in batch.items() if k in keys and isinstance(v, Tensor) and v.ndim >= 2 and v.shape[1] % (2 * cp)}
+    if short:
+        raise ConfigError(f"context parallel (cp={cp}) cuts each sequence into 2·cp={2 * cp} chunks; {short} do not divide")
+    return {k: shard_sequence(v, rank, cp) if k in keys and isinstance(v, Tensor) and v.ndim >= 2 else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- block math

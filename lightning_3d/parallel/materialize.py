@@ -8,6 +8,8 @@ process or on any mesh, which is what makes loss-parity tests between layouts po
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -32,6 +34,29 @@ def canonical_name(name: str) -> str:
 
 def _name_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Create parameters on the meta device and buffers as an eager build would.
+
+    Inside, every parameter a module registers is moved to the meta device (its storage
+    was only allocated, never filled: ``reset_parameters`` then runs on meta), while buffers
+    (a rotary ``inv_freq``, a causal mask, running statistics) are computed by the model's
+    own code on the default device. :func:`materialize` keeps them.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def has_meta_parameters(module: nn.Module) -> bool:
