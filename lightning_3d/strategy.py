@@ -1,122 +1,101 @@
-"""ModelParallel4DStrategy: a Lightning strategy for data × tensor (× pipeline × context) parallel."""
+"""ModelParallel4DStrategy: Lightning's hooks for data × tensor × pipeline × context parallel.
+
+Each hook delegates to one piece: :class:`ParallelDims` (layout and mesh),
+:func:`lightning_3d.parallel.parallelize` (the fixed apply order), and the runtime pieces in
+:mod:`lightning_3d.runtime` (pipeline runner, step guard, checkpointer, fault monitor, value sync).
+"""
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Generator, Mapping
-from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import fields, replace
-from datetime import timedelta
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import torch.distributed.distributed_c10d as c10d
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _PATH, ReduceOp
+from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import (
-    rank_zero_info,
-    rank_zero_only,
-    rank_zero_warn,
-)
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from torch import Tensor
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch import Tensor, nn
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_3d.checkpoint import (
-    MODEL_KEY,
-    RNG_DIR,
-    TRAINER_STATE,
-    SafeLoadPlanner,
-    SafeReader,
-    canonical_names,
-    fit_problems,
-    load_trainer_state,
-    local_names,
-    raise_if_problems,
-    read_metadata,
-    remove_folder,
-    rng_file,
-    rng_state,
-    set_rng_state,
-    write_atomically,
+from lightning_3d.compat import (
+    _PATH,
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _optimizers_to_device,
 )
 from lightning_3d.config import ParallelConfig, PerfConfig, TrainerConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
-from lightning_3d.health import Heartbeat, is_communication_failure, nccl_debug_env
 from lightning_3d.launcher import SubprocessLauncher
-from lightning_3d.loss import count_tokens, sum_over
-from lightning_3d.nonfinite import NonFiniteError, NonFiniteGuard, step_health
 from lightning_3d.parallel import parallelize
 from lightning_3d.parallel.context_parallel import shard_batch
 from lightning_3d.parallel.materialize import meta_parameters
-from lightning_3d.parallel.grad_clip import clip_grad_norm_, reduce_partial_grads
-from lightning_3d.parallel.pipeline_parallel import (
-    PipelineLoss,
-    build_schedules,
-    num_microbatches,
-)
 from lightning_3d.plans.base import ParallelPlan
-from lightning_3d.validation import check_layout, perf_problems, raise_problems
+from lightning_3d.runtime import (
+    Checkpointer,
+    FaultMonitor,
+    PipelineRunner,
+    StepGuard,
+    ValueSync,
+)
+from lightning_3d.validation import (
+    check_layout,
+    module_contract_problems,
+    module_problems,
+    perf_problems,
+    raise_problems,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 _PARALLEL_FIELDS = tuple(f.name for f in fields(ParallelConfig))
 _PERF_FIELDS = tuple(f.name for f in fields(PerfConfig))
-# optimizer states are saved flattened (one entry per parameter), which is what lets DCP reshard them
-_FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
+_PARALLELIZED = "_lightning_3d_parallelized"  # attribute of a module this strategy has parallelized
+
+
+@dataclass
+class Parallelized:
+    """What a parallelized module keeps, so that validate/test/predict or a new Trainer reuse it."""
+
+    dims: ParallelDims
+    mesh: "DeviceMesh"
+    meshes: dict[str, "DeviceMesh"]
+    root: str
+    stages: list[tuple[int, nn.Module]]
+    pipeline: Optional[PipelineRunner] = None
 
 
 class ModelParallel4DStrategy(ParallelStrategy):
-    """Train with FSDP2/HSDP/DDP data parallel and tensor + sequence parallel from one DeviceMesh.
+    """Train with FSDP2/HSDP/DDP data parallel, tensor + sequence, pipeline and context parallel from one DeviceMesh.
 
     Args:
         parallel: a full :class:`ParallelConfig`; or give its fields as keywords
             (``ModelParallel4DStrategy(dp_shard=2, tp=2)``), which override it.
-        perf: the speed levers (:class:`PerfConfig`: activation checkpointing, compile, FSDP2
-            prefetch, CPU offload, float8); its fields may also be given as keywords
-            (``activation_checkpoint="full"``, ``compile=True``).
+        perf: the speed levers (:class:`PerfConfig`); its fields may also be given as keywords.
         init_seed: seed of the initial weights, drawn per parameter name so that every
             layout starts from the same full model.
         process_group_backend: ``gloo`` / ``nccl``; default from the device.
-        async_save: write checkpoints in a background thread; the loop is blocked only while
-            the states are copied to CPU memory.
-        on_nonfinite: ``"stop"`` raises :class:`NonFiniteError` on every rank when any rank's loss
-            or gradient norm is not finite, before the optimizer step; ``"skip"`` drops that update.
+        async_save: write checkpoints in a background thread.
+        on_nonfinite: ``"stop"`` raises on every rank when any rank's loss or gradient norm is
+            not finite, before the optimizer step; ``"skip"`` drops that update.
         max_skipped: with ``"skip"``, the number of skipped steps in a row tolerated.
 
-    The LightningModule creates its model in ``configure_model()`` (run on the meta
+    The LightningModule creates its model in ``configure_model()`` (parameters on the meta
     device), returns a :class:`ParallelPlan` from ``parallel_plan(parallel_config)`` and
-    fills full parameter tensors in ``init_parameter(name, tensor, generator)``; see the
-    README's "Bring your own model".
+    fills full parameter tensors in ``init_parameter(name, tensor, generator)``; see
+    docs/your-model.md.
     """
 
     strategy_name = "4d"
@@ -140,25 +119,16 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self.parallel = replace(parallel or ParallelConfig(), **{k: v for k, v in options.items() if k in _PARALLEL_FIELDS})
         self.perf = replace(perf or PerfConfig(), **{k: v for k, v in options.items() if k in _PERF_FIELDS})
         self.init_seed = init_seed
-        self._process_group_backend = process_group_backend
-        self._dims: Optional[ParallelDims] = None
-        self._device_mesh: Optional[DeviceMesh] = None
-        self._meshes: dict[str, DeviceMesh] = {}
-        self.num_nodes = 1
         self.async_save = async_save
-        self._plan_root = ""
-        self._checkpoint_group: Optional[dist.ProcessGroup] = None
-        self._pending_save: Optional[Future] = None
-        self._pending_removals: list[Path] = []
-        self.save_blocked_s: list[float] = []  # seconds each save held up the training loop
-        self.load_s: Optional[float] = None  # seconds the last checkpoint load took
-        self.nonfinite = NonFiniteGuard(on_nonfinite, max_skipped)
-        self._step_grad_norm: Optional[Tensor] = None  # computed by the step check, reused by clipping
-        self.last_grad_norm: Optional[Tensor] = None  # the last step's global gradient norm, before clipping
-        self._steady_timeouts = False  # parallel.timeout_s applies once the first step is done
-        self._heartbeat: Optional[Heartbeat] = None
-        self._failed = False
-        self.failure_report: Optional[str] = None  # which ranks broke the job, after a communication failure
+        self.num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._guard = StepGuard(on_nonfinite, max_skipped)
+        self._faults = FaultMonitor(self.parallel)
+        self._state: Optional[Parallelized] = None
+        self._dims: Optional[ParallelDims] = None
+        self._checkpointer: Optional[Checkpointer] = None
+        self._sync: Optional[ValueSync] = None
+        self._async_group: Optional[dist.ProcessGroup] = None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -169,16 +139,17 @@ class ModelParallel4DStrategy(ParallelStrategy):
 
     @property
     def device_mesh(self) -> "DeviceMesh":
-        if self._device_mesh is None:
-            raise RuntimeError("the device mesh is built in setup_environment(); it does not exist yet")
-        return self._device_mesh
+        return self._parallelized().mesh
 
     @property
     def meshes(self) -> dict[str, "DeviceMesh"]:
         """Views of the mesh by name: pp, dp_replicate, dp_shard, cp, tp, dp, fsdp, loss (and hsdp with dp_replicate > 1)."""
-        if not self._meshes:
+        return self._parallelized().meshes
+
+    def _parallelized(self) -> Parallelized:
+        if self._state is None:
             raise RuntimeError("the device mesh is built in setup_environment(); it does not exist yet")
-        return self._meshes
+        return self._state
 
     @property
     @override
@@ -189,6 +160,11 @@ class ModelParallel4DStrategy(ParallelStrategy):
     @property
     def num_processes(self) -> int:
         return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        # Lightning syncs `self.log(..., sync_dist=True)` only for strategies that say so
+        return True
 
     @property
     @override
@@ -206,6 +182,12 @@ class ModelParallel4DStrategy(ParallelStrategy):
     def lightning_restore_optimizer(self) -> bool:
         return False
 
+    # read by callbacks, the CLI, benchmarks and tests
+    nonfinite = property(lambda self: self._guard.nonfinite, doc="the non-finite policy and its skip counts")
+    last_grad_norm = property(lambda self: self._guard.last_grad_norm, doc="the last step's global gradient norm")
+    failure_report = property(lambda self: self._faults.failure_report, doc="which ranks broke the job, if known")
+    checkpointer = property(lambda self: self._checkpointer, doc="the DCP checkpointer (after setup)")
+
     # ------------------------------------------------------------------ precision
     @property
     @override
@@ -218,17 +200,8 @@ class ModelParallel4DStrategy(ParallelStrategy):
         # Lightning clips through its precision plugin, whose clip_grad_norm_ cannot combine
         # DTensor gradients on different meshes: route norm clipping to the global version.
         if plugin is not None:
-            plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
+            plugin.clip_grad_by_norm = lambda optimizer, value: self._guard.clip(plugin.main_params(optimizer), float(value))  # type: ignore[method-assign]
         self._precision_plugin = plugin
-
-    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        norm, self._step_grad_norm = self._step_grad_norm, None
-        params = self.precision_plugin.main_params(optimizer)
-        clip_grad_norm_(params, float(clip_val), self._ranks_per_stage, self.root_device, norm=norm)
-
-    @property
-    def _ranks_per_stage(self) -> int:
-        return self.dims.world_size // self.dims.pp
 
     # ------------------------------------------------------------------ setup
     @override
@@ -240,23 +213,15 @@ class ModelParallel4DStrategy(ParallelStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        self._set_world_ranks()
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
         module = self.lightning_module
         trainer = module.trainer if module is not None else None
         # Validate before any process group exists, so a bad layout never hangs.
-        if module is not None and self.parallel.pp > 1:
-            missing = [hook for hook in ("pipeline_batch", "record_loss") if not hasattr(module, hook)]
-            if missing:
-                raise ConfigError(
-                    f"parallel.pp={self.parallel.pp}: {type(module).__name__} lacks {missing}; a pipelined module "
-                    "defines `pipeline_batch(batch) -> (input_ids, labels)` and `record_loss(stage, loss, tokens)` "
-                    "(see README, 'Bring your own model')"
-                )
-        if module is not None and not hasattr(module, "parallel_plan"):
-            raise ConfigError(
-                f"{type(module).__name__} defines no `parallel_plan(parallel_config)` method: the strategy needs "
-                f"the block container and root module to shard (parallel.tp={self.parallel.tp}); see ParallelPlan"
-            )
+        if module is not None:
+            raise_problems(module_contract_problems(module, self.parallel))
         self._dims = check_layout(
             self.parallel,
             self.world_size,
@@ -270,50 +235,25 @@ class ModelParallel4DStrategy(ParallelStrategy):
             ),
         )
         raise_problems(perf_problems(self.perf, self._dims, self.root_device.type))
+        self._state = getattr(module, _PARALLELIZED, None)
+        if self._state is not None and self._state.dims != self._dims:
+            raise ConfigError(
+                f"{type(module).__name__} was already parallelized as {self._state.dims}; this strategy asks for "
+                f"{self._dims}. A parallelized module keeps its layout: build a new module for another layout "
+                "(and load a checkpoint into it to continue)"
+            )
         reset_seed()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
-        if backend == "nccl":
-            # a hung collective then leaves a flight-recorder dump per rank (explicit settings win)
-            dump_dir = os.path.join(trainer.default_root_dir if trainer is not None else ".", "nccl_traces")
-            for name, value in nccl_debug_env(dump_dir).items():
-                os.environ.setdefault(name, value)
-        _init_dist_connection(
-            self.cluster_environment,
-            backend,
-            timeout=timedelta(seconds=self.parallel.init_timeout_s),
-            device_id=self.root_device if self.root_device.type != "cpu" else None,
-            **self._restarted_worker_store(),
-        )
-        self._heartbeat = Heartbeat.from_environment(self.global_rank, self.world_size)
-        self._device_mesh, self._meshes = self._dims.build_mesh(self.root_device.type)
+        dump_dir = str(Path(trainer.default_root_dir if trainer is not None else ".") / "nccl_traces")
+        self._faults.connect(self.cluster_environment, backend, self.root_device, self.global_rank, self.world_size, dump_dir)
+        if self._state is None:
+            mesh, meshes = self._dims.build_mesh(self.root_device.type)
+            self._state = Parallelized(self._dims, mesh, meshes, root="", stages=[])
         if module is not None:
-            module._device_mesh = self._device_mesh
+            module._device_mesh = self._state.mesh
         if self.async_save:
             # the background save runs collectives while training runs its own: separate group
-            self._checkpoint_group = dist.new_group(backend="gloo")
-
-    def _restarted_worker_store(self) -> dict[str, Any]:
-        """Under ``torchrun --max-restarts``, a store private to this restart.
-
-        The agent keeps one store for all restarts of its workers and the default group's
-        keys are the same each time, so a restarted rank can read a peer's address from the
-        attempt that died and fail to connect. Prefixing the keys with the restart count
-        (set by torchrun) keeps each attempt to its own.
-        """
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-            return {}
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size, is_master=False,
-            timeout=timedelta(seconds=self.parallel.init_timeout_s),
-        )
-        return {"store": dist.PrefixStore(f"lightning_3d/restart-{restart}", store)}
-
-    def _set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+            self._async_group = dist.new_group(backend="gloo", timeout=self._faults.init_timeout)
 
     @contextmanager
     @override
@@ -328,27 +268,18 @@ class ModelParallel4DStrategy(ParallelStrategy):
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        plan = self._resolve_plan(module)
-        self._plan_root = plan.root
-        self.model = self.precision_plugin.convert_module(self.model)
-        stages = parallelize(
-            module,
-            plan,
-            self.meshes,
-            self.dims,
-            self.parallel,
-            precision=str(self.precision_plugin.precision),
-            device=self.root_device,
-            init_fn=getattr(module, "init_parameter", None),
-            seed=self.init_seed,
-            perf=self.perf,
+        state = self._parallelized()
+        if not hasattr(module, _PARALLELIZED):  # validate/test/predict after fit reuse the parallelized module
+            self._parallelize(module, state)
+        self._checkpointer = Checkpointer(
+            state.root, self.dims.pp > 1, self._layout(), self.global_rank, self.world_size,
+            self._faults.io_group, self.async_save, self._async_group,
         )
-        if self.dims.pp > 1:
-            self._setup_pipeline(stages)
-            # The schedule runs backward inside training_step; Lightning's closure would zero
-            # the gradients after it and backward again. Switch both off (as Lightning's own
-            # SWA callback does) and zero the gradients in _pipeline_step instead.
-            trainer.fit_loop._skip_backward = True
+        self._sync = ValueSync(state.meshes)
+        self._sync.attach_metrics(module)
+        if state.pipeline is not None:
+            state.pipeline.attach(trainer)
+        self._guard.setup(self.world_size // self.dims.pp, self.root_device, group=None)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -357,149 +288,89 @@ class ModelParallel4DStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _resolve_plan(self, module: "pl.LightningModule") -> ParallelPlan:
+    def _parallelize(self, module: "pl.LightningModule", state: Parallelized) -> None:
         plan = module.parallel_plan(self.parallel)  # its presence is checked in setup_environment()
         if not isinstance(plan, ParallelPlan):
             raise TypeError(f"{type(module).__name__}.parallel_plan() returned {type(plan).__name__}, not a ParallelPlan")
-        return plan
+        raise_problems(module_problems(module, plan, self.parallel, self.dims))
+        self.model = self.precision_plugin.convert_module(self.model)
+        state.root = plan.root
+        state.stages = parallelize(
+            module, plan, state.meshes, self.dims, self.parallel,
+            precision=str(self.precision_plugin.precision), device=self.root_device,
+            init_fn=getattr(module, "init_parameter", None), seed=self.init_seed, perf=self.perf,
+        )
+        if self.dims.pp > 1:
+            state.pipeline = PipelineRunner(state.stages, self.parallel, state.meshes, self.root_device)
+        setattr(module, _PARALLELIZED, state)
 
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
 
-    # ------------------------------------------------------------------ pipeline
-    def _setup_pipeline(self, stages: list[tuple[int, torch.nn.Module]]) -> None:
-        num_stages = self.parallel.pp * self.parallel.stages_per_rank
-        self._pipeline_loss = PipelineLoss()
-        self._schedule, self._eval_schedule = build_schedules(
-            stages,
-            num_stages,
-            self.parallel.pp_schedule,
-            num_microbatches(self.parallel.microbatches, num_stages),
-            self.root_device,
-            self.meshes["pp"].get_group(),
-            self._pipeline_loss,
-        )
-        indices = [index for index, _ in stages]
-        self._holds_first_stage = 0 in indices
-        self._holds_last_stage = num_stages - 1 in indices
-
-    def _pipeline_step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
-        """Run the schedule on this rank's batch; return the global token-weighted mean loss.
-
-        Training runs forward and backward of every microbatch here (Lightning's own
-        backward is then skipped); validation runs forward only.
-        """
-        module = self.lightning_module
-        inputs, labels = module.pipeline_batch(batch)
-        loss_mesh = self.meshes["loss"]
-        tokens = sum_over(count_tokens(labels), loss_mesh)
-        trainer = module.trainer
-        accumulate = trainer.accumulate_grad_batches if stage == "train" else 1
-        if stage == "train" and batch_idx % accumulate == 0:  # first batch of an optimizer step
-            for optimizer in self.optimizers:
-                module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
-        self._pipeline_loss.scale = loss_mesh.size() / (tokens.clamp(min=1) * accumulate).float()
-        losses: list[Tensor] = []
-        run = self._schedule.step if stage == "train" else self._eval_schedule.eval
-        run(
-            *((inputs,) if self._holds_first_stage else ()),
-            target=labels if self._holds_last_stage else None,
-            losses=losses,
-            return_outputs=False,  # only the losses are needed, not the merged logits
-        )
-        # this rank's token-loss sum / global tokens, on the last stage only; then summed over
-        # the loss mesh (→ the global mean) and over the pp mesh (→ on every stage)
-        mean = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        if self._holds_last_stage:
-            mean += torch.stack(losses).detach().double().sum() * accumulate / loss_mesh.size()
-        sum_over(sum_over(mean, loss_mesh), self.meshes["pp"])
-        global_loss = mean.float()
-        module.record_loss(stage, global_loss, tokens)
-        return global_loss
-
     # ------------------------------------------------------------------ steps
-    def _loss_parallel_context(self) -> AbstractContextManager:
+    def _step_context(self) -> AbstractContextManager:
         return loss_parallel() if self.parallel.loss_parallel and self.dims.tp > 1 else nullcontext()
 
-    def _shard_for_context_parallel(self, batch: Any) -> Any:
+    def _cut(self, batch: Any) -> Any:
         if self.dims.cp == 1:
             return batch
         keys = getattr(self.lightning_module, "context_parallel_keys", ())
         return shard_batch(batch, self.meshes["cp"].get_local_rank(), self.dims.cp, keys)
 
-    @override
-    def training_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
-        batch = self._shard_for_context_parallel(batch)
-        if self.dims.pp > 1:
-            with self.precision_plugin.train_step_context():
-                return self._pipeline_step(batch, batch_idx, "train")
-        with self._loss_parallel_context():
-            return super().training_step(batch, batch_idx, *args, **kwargs)
+    def _run_step(self, stage: str, context: AbstractContextManager, step: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any) -> Any:
+        """A step on this rank's part of the batch: the pipeline schedule under PP, else the module's own step."""
+        batch = self._cut(batch)
+        pipeline = self._parallelized().pipeline
+        if pipeline is not None:
+            if stage == "predict":
+                raise ConfigError(f"predict is not supported with pipeline parallel (pp={self.dims.pp}); predict with pp=1")
+            with context:
+                return pipeline.step(self.lightning_module, batch, args[0] if args else kwargs["batch_idx"], stage)
+        with context, self._step_context():
+            return step(batch, *args, **kwargs)
 
     @override
-    def validation_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
-        batch = self._shard_for_context_parallel(batch)
-        if self.dims.pp > 1:
-            with self.precision_plugin.val_step_context():
-                return self._pipeline_step(batch, batch_idx, "val")
-        with self._loss_parallel_context():
-            return super().validation_step(batch, batch_idx, *args, **kwargs)
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run_step("train", self.precision_plugin.train_step_context(), self.lightning_module.training_step, *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run_step("val", self.precision_plugin.val_step_context(), self.lightning_module.validation_step, *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run_step("test", self.precision_plugin.test_step_context(), self.lightning_module.test_step, *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run_step("predict", self.precision_plugin.predict_step_context(), self.lightning_module.predict_step, *args, **kwargs)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
-        with self._loss_parallel_context():
+        with self._step_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
-    def optimizer_step(
-        self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any
-    ) -> Any:
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any) -> Any:
         """Forward and backward, then one agreed check of the loss and gradient norm on every rank,
         then (unless the step stops or is skipped) clipping and the optimizer update."""
         loss = closure()
-        trainer = self.lightning_module.trainer
-        params = list(self.precision_plugin.main_params(optimizer))
-        reduce_partial_grads(params)
-        norm, bad_loss, bad_grads = step_health(params, loss, self._ranks_per_stage, self.root_device)
-        self.last_grad_norm = norm
-        if self.nonfinite.should_skip(trainer.global_step, bad_loss, bad_grads):
+        step = self.lightning_module.trainer.global_step
+        if self._guard.should_skip(self.precision_plugin.main_params(optimizer), loss, step):
             optimizer.zero_grad(set_to_none=True)
             result = None
         else:
-            self._step_grad_norm = norm
             result = super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
-            self._step_grad_norm = None
-        self._after_step(trainer.global_step + 1)
+        self._faults.step_done(step + 1, [mesh.get_group() for mesh in self.meshes.values() if mesh.ndim == 1])
         return result
-
-    def _after_step(self, steps_done: int) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.step = steps_done
-        if not self._steady_timeouts and _distributed_is_initialized():
-            # startup and the first step are done: from now on a long wait means a lost rank
-            timeout = timedelta(seconds=self.parallel.timeout_s)
-            for group in list(c10d._world.pg_map):
-                c10d._set_pg_timeout(timeout, group)
-            self._steady_timeouts = True
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        """Tell the other ranks this one failed and, after a failed collective, name the rank that broke the job."""
-        self._failed = True
-        if self._heartbeat is None or isinstance(exception, (NonFiniteError, KeyboardInterrupt)):
-            return  # every rank raised the same error together, or the user stopped the run
-        self._heartbeat.report_failure(exception)
-        if is_communication_failure(exception):
-            self.failure_report = self._heartbeat.wait_for_diagnosis()
-            exception.add_note(f"lightning_3d (rank {self.global_rank}): {self.failure_report}")
-        self._heartbeat.linger()
+        self._faults.on_exception(self.global_rank, exception)
 
     # ------------------------------------------------------------------ checkpoints
-    def _canonical(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        return canonical_names(state, self._plan_root, self.dims.pp > 1)
-
     def _layout(self) -> dict[str, Any]:
         """What must match for RNG states to be restored rank by rank."""
         dims = self.dims
@@ -512,107 +383,29 @@ class ModelParallel4DStrategy(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """This rank's shards of the model, under the unsplit model's parameter names."""
-        return self._canonical(get_model_state_dict(self.lightning_module))
+        return self.checkpointer.model_state(self.lightning_module)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """This rank's shards of the optimizer state, flattened per parameter name."""
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer → torch optimizer
-        return self._canonical(get_optimizer_state_dict(self.lightning_module, optimizer, options=_FLAT_OPTIMIZER))
+        return self.checkpointer.optimizer_state(self.lightning_module, optimizer)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
-        """Write the folder ``filepath``: DCP shards from every rank, then the trainer state and RNG
-        states, then DCP's metadata last, so that an interrupted save is never taken for a checkpoint."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options (it writes with DCP)")
         path = Path(self.broadcast(str(filepath)))  # rank 0 names the folder for everyone
-        self._finish_pending_save()
-        if self.is_global_zero and path.exists():
-            remove_folder(path)  # an interrupted save of the same step, or a file in the way
-        self.barrier()
-        (path / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        tensors = {MODEL_KEY: checkpoint.pop(MODEL_KEY)}
-        tensors.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
-        checkpoint["layout"] = self._layout()
-        checkpoint["model_root"] = self._plan_root
-        checkpoint["nonfinite"] = self.nonfinite.state_dict()
-        started = time.perf_counter()
-        torch.save(rng_state(), rng_file(path, self.global_rank))
-        if self.is_global_zero:
-            write_atomically(checkpoint, path / TRAINER_STATE)
-        writer = FileSystemWriter(path)
-        if self.async_save:
-            # returns once the states are staged in CPU memory; DCP writes .metadata when every rank is done
-            self._pending_save = dcp.async_save(tensors, storage_writer=writer, process_group=self._checkpoint_group)
-        else:
-            dcp.save(tensors, storage_writer=writer)
-        self.save_blocked_s.append(time.perf_counter() - started)
-
-    def _finish_pending_save(self) -> None:
-        """Wait for a background save, then delete what was waiting for it to complete."""
-        if self._pending_save is not None:
-            self._pending_save.result()
-            self._pending_save = None
-        if self.is_global_zero:
-            for path in self._pending_removals:
-                remove_folder(path)
-        self._pending_removals.clear()
+        self.checkpointer.save(checkpoint, path, {"nonfinite": self._guard.state_dict()}, self.barrier)
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
-        # never delete an older checkpoint while the newer one is still being written
-        if self._pending_save is not None:
-            self._pending_removals.append(Path(filepath))
-        elif self.is_global_zero:
-            remove_folder(filepath)
+        self.checkpointer.remove(Path(filepath))
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Read the model (and, when fitting, the optimizer) states in place, resharded to this
-        layout; return the rest of the checkpoint for Lightning to restore."""
         path = Path(self.broadcast(str(checkpoint_path)))
-        self._finish_pending_save()
-        started = time.perf_counter()
-        module = self.lightning_module
-        model_state = get_model_state_dict(module)
-        tensors: dict[str, Any] = {MODEL_KEY: self._canonical(model_state)}
-        self._check_checkpoint_fits(path, tensors[MODEL_KEY])
-        trainer_state = load_trainer_state(path)
-        saved = {key.partition(".")[0] for key in read_metadata(path).state_dict_metadata}
-        fitting = module.trainer.state.fn == TrainerFn.FITTING
-        # a weights-only checkpoint has no optimizer entries: the optimizers keep their fresh state
-        optimizers = [opt for i, opt in enumerate(self.optimizers) if fitting and f"optimizer_{i}" in saved]
-        optimizer_keys = []
-        for index, optimizer in enumerate(optimizers):
-            state = get_optimizer_state_dict(module, optimizer, options=_FLAT_OPTIMIZER)
-            optimizer_keys.append(list(state))
-            tensors[f"optimizer_{index}"] = self._canonical(state)
-        try:
-            dcp.load(tensors, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
-        except CheckpointException as error:
-            raise ConfigError(f"checkpoint {path} could not be read (corrupted shard?): {error}") from error
-        pipelined = self.dims.pp > 1
-        set_model_state_dict(module, local_names(tensors[MODEL_KEY], model_state, self._plan_root, pipelined))
-        for index, (optimizer, keys) in enumerate(zip(optimizers, optimizer_keys)):
-            state = local_names(tensors[f"optimizer_{index}"], keys, self._plan_root, pipelined)
-            set_optimizer_state_dict(module, optimizer, state, options=_FLAT_OPTIMIZER)
-        if trainer_state.get("layout") == self._layout():
-            set_rng_state(torch.load(rng_file(path, self.global_rank), weights_only=True))
-        else:
-            rank_zero_info(f"RNG states not restored: the checkpoint was written by layout {trainer_state.get('layout')}")
-        self.nonfinite.load_state_dict(trainer_state.get("nonfinite", {}))
-        self.load_s = time.perf_counter() - started
+        trainer_state = self.checkpointer.load(self.lightning_module, self.optimizers, path)
+        self._guard.load_state_dict(trainer_state.get("nonfinite", {}))
         return trainer_state
-
-    def _check_checkpoint_fits(self, path: Path, model_state: Mapping[str, Any]) -> None:
-        """The same verdict on every rank (shapes are gathered first), so a checkpoint that does
-        not fit fails everywhere instead of hanging the ranks whose own part fits."""
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, {name: tuple(tensor.shape) for name, tensor in model_state.items()})
-        shapes = {name: shape for rank_shapes in gathered for name, shape in rank_shapes.items()}
-        raise_if_problems(f"checkpoint {path} does not fit this model", fit_problems(path, shapes))
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -627,42 +420,55 @@ class ModelParallel4DStrategy(ParallelStrategy):
     def barrier(self, name: Optional[str] = None) -> None:
         if not _distributed_is_initialized():
             return
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[self.root_device.index])
+        group = self._faults.io_group
+        if dist.get_backend(group) == "nccl":
+            dist.barrier(group=group, device_ids=[self.root_device.index])
         else:
-            dist.barrier()
+            dist.barrier(group=group)
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not _distributed_is_initialized():
             return obj
         holder = [obj]
-        dist.broadcast_object_list(holder, src)
+        dist.broadcast_object_list(holder, src, group=self._faults.io_group)
         return holder[0]
 
     @override
-    def reduce(
-        self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
-    ) -> Union[Tensor, Any]:
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
+    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Union[Tensor, Any]:
+        """Reduce over the ranks that hold distinct data (dp × cp), as the last pipeline stage has it; see :class:`ValueSync`."""
+        if not isinstance(tensor, Tensor) or self._sync is None or not _distributed_is_initialized():
+            return tensor
+        return self._sync.reduce(tensor, group, reduce_op)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        """Gather from the ranks that hold distinct data (dp × cp), as the last pipeline stage has them."""
+        if self._sync is None or not _distributed_is_initialized():
+            return super().all_gather(tensor, group, sync_grads)
+        return self._sync.all_gather(tensor, group, sync_grads)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if not _distributed_is_initialized():
+            return decision
+        votes = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(votes, group=self._faults.io_group)
+        return bool(votes == self.world_size) if all else bool(votes)
 
     @override
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
-        if _distributed_is_initialized():
+        if _distributed_is_initialized() and self._checkpointer is not None:
             try:
-                self._finish_pending_save()
+                self._checkpointer.finish_pending()
             except Exception as error:
-                if not self._failed:
+                if not self._faults.failed:
                     raise
                 # the run already failed (a peer may be gone): the unfinished save has no metadata
                 # and is never taken for a checkpoint; keep the original error
                 rank_zero_warn(f"the background checkpoint save did not finish: {error}")
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
+        self._faults.stop()
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
@@ -670,7 +476,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: "StrategyRegistry") -> None:
-        strategy_registry.register(cls.strategy_name, cls, description="4D parallel: FSDP2/HSDP/DDP × TP/SP")
+        strategy_registry.register(cls.strategy_name, cls, description="4D parallel: FSDP2/HSDP/DDP × TP/SP × PP × CP")
 
 
 ModelParallel4DStrategy.register_strategies(StrategyRegistry)

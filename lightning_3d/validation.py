@@ -7,10 +7,13 @@ exists). All problems are collected and reported at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.fabric.connector import _convert_precision_to_unified_args
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from lightning_3d.config import (
     DataConfig,
@@ -35,6 +38,7 @@ from lightning_3d.parallel.pipeline_parallel import (
     is_single_stage,
     num_microbatches,
 )
+from lightning_3d.parallel.tied import tied_parameter_names
 
 VALID_CP_BACKENDS = ("ring", "allgather", "native")
 VALID_ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -286,3 +290,109 @@ def layout_problems(
                         f"parallel.microbatches={microbatches}; valid microbatches: {divisors(per_rank)}"
                     )
     return dims, problems
+
+
+# ----------------------------------------------------------------------------- the module itself
+
+
+def module_contract_problems(module: Any, parallel: ParallelConfig) -> list[str]:
+    """What a LightningModule must provide for this layout (checked before any process group)."""
+    name = type(module).__name__
+    problems = []
+    if not hasattr(module, "parallel_plan"):
+        problems.append(
+            f"{name} defines no `parallel_plan(parallel_config)` method: the strategy needs "
+            f"the block container and root module to shard (parallel.tp={parallel.tp}); see ParallelPlan"
+        )
+    if parallel.pp > 1:
+        missing = [hook for hook in ("pipeline_batch", "record_loss") if not hasattr(module, hook)]
+        if missing:
+            problems.append(
+                f"parallel.pp={parallel.pp}: {name} lacks {missing}; a pipelined module defines "
+                "`pipeline_batch(batch) -> (input_ids, labels)` and `record_loss(stage, loss, tokens)` "
+                "(see docs/your-model.md)"
+            )
+        if not getattr(module, "automatic_optimization", True):
+            problems.append(
+                f"parallel.pp={parallel.pp}: {name} uses manual optimization (automatic_optimization=False), but under "
+                "pipeline parallel the schedule runs forward and backward itself; use automatic optimization or pp=1"
+            )
+    return problems
+
+
+# the weight dim a style shards, by module type: (Colwise, Rowwise)
+_SHARDED_DIM = {nn.Linear: (0, 1), nn.Embedding: (1, 0)}
+
+
+def _tp_shape_problem(name: str, module: nn.Module, style: object, tp: int) -> str | None:
+    kind = 0 if isinstance(style, ColwiseParallel) else 1 if isinstance(style, RowwiseParallel) else None
+    dims = next((d for t, d in _SHARDED_DIM.items() if isinstance(module, t)), None)
+    if kind is None or dims is None:
+        return None  # other styles (SequenceParallel, PrepareModuleInput) shard activations only
+    weight = module.weight
+    dim = dims[kind]
+    if weight.shape[dim] % tp:
+        return (
+            f"{name} ({type(style).__name__} on {type(module).__name__} weight {tuple(weight.shape)}): dim {dim} of size "
+            f"{weight.shape[dim]} is not divisible by parallel.tp={tp}"
+        )
+    return None
+
+
+def module_problems(module: nn.Module, plan: Any, parallel: ParallelConfig, dims: ParallelDims) -> list[str]:
+    """Checks that run from the module itself, for any module (parameters on meta, before parallelizing):
+    the plan's names exist, TP-sharded weights divide by tp, there are blocks enough for the pipeline
+    stages, and a shared weight does not span pipeline stages. What cannot be checked from the module
+    (attention heads vs tp, sequence length vs cp) is said once, on rank 0."""
+    try:
+        root = module.get_submodule(plan.root)
+        blocks = list(root.get_submodule(plan.blocks).children())
+    except AttributeError as error:
+        return [f"{type(module).__name__}: the plan names a module that does not exist ({error})"]
+    problems = []
+    if dims.tp > 1:
+        found: dict[str, str] = {}  # plan entry → its first problem (blocks repeat the same one)
+        named = [(f"{plan.blocks}.{i}.", block, n, s) for i, block in enumerate(blocks) for n, s in plan.block_tp.items()]
+        for prefix, owner, name, style in named + [("", root, n, s) for n, s in plan.top_tp.items()]:
+            if _missing(owner, name):
+                problem = f"{plan.root}.{prefix}{name}: the plan's tensor-parallel style names a module that does not exist"
+            else:
+                problem = _tp_shape_problem(f"{plan.root}.{prefix}{name}", owner.get_submodule(name), style, dims.tp)
+            if problem:
+                found.setdefault(name, problem)
+        problems += found.values()
+    num_stages = dims.pp * parallel.stages_per_rank
+    if dims.pp > 1:
+        if num_stages > len(blocks):
+            problems.append(
+                f"pp {dims.pp} × stages_per_rank {parallel.stages_per_rank} = {num_stages} stages, more than the "
+                f"{len(blocks)} blocks in {plan.root}.{plan.blocks}; every stage needs at least one block"
+            )
+        elif parallel.pp_layers is not None:
+            problems += check_explicit_split(parallel.pp_layers, len(blocks), num_stages)
+        first = tuple(f"{n}." for n in plan.first_stage)
+        last = tuple(f"{n}." for n in plan.last_stage)
+        for group in tied_parameter_names(root):
+            if any(n.startswith(first) for n in group) and any(n.startswith(last) for n in group):
+                problems.append(
+                    f"{plan.root}: {group} share one weight across the first and last pipeline stages; untie them or use pp=1"
+                )
+    if dims.cp > 1:
+        missing = [i for i, block in enumerate(blocks) if _missing(block, plan.attention)]
+        if missing:
+            problems.append(f"context parallel: blocks {missing[:5]} of {plan.root}.{plan.blocks} have no `{plan.attention}` module")
+    if not hasattr(module, "model_config") and (dims.tp > 1 or dims.cp > 1):
+        rank_zero_info(
+            f"{type(module).__name__}: weight shapes vs tp and blocks vs pipeline stages were checked from the module; "
+            "attention heads vs tp cannot be (a projection may divide by tp while its head count does not), and "
+            "sequence lengths vs cp are checked batch by batch"
+        )
+    return problems
+
+
+def _missing(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return True
+    return False

@@ -67,7 +67,7 @@ def run_case(name: str, overrides: list[str], out_dir: Path) -> L.Trainer:
     for part in parts:
         weights.update(get_model_state_dict(part, options=FULL))
     optimizer = trainer.optimizers[0] if trainer.optimizers else None
-    states = trainer.strategy._canonical(get_optimizer_state_dict(model, optimizer, options=FULL_FLAT)) if optimizer else {}
+    states = trainer.strategy.checkpointer.canonical(get_optimizer_state_dict(model, optimizer, options=FULL_FLAT)) if optimizer else {}
     logits = None
     if trainer.strategy.dims.pp == 1 and trainer.strategy.dims.cp == 1:
         with torch.no_grad():

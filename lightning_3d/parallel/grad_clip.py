@@ -60,17 +60,24 @@ def local_grad_square_sum(parameters: Iterable[Tensor], ranks_per_stage: int, de
 
 
 @torch.no_grad()
-def global_grad_norm(parameters: Iterable[Tensor], ranks_per_stage: int, device: torch.device) -> Tensor:
-    """L2 norm of all gradients of the whole model (all stages, all shards)."""
+def global_grad_norm(
+    parameters: Iterable[Tensor], ranks_per_stage: int, device: torch.device, group: Optional[dist.ProcessGroup] = None
+) -> Tensor:
+    """L2 norm of all gradients of the whole model (all stages, all shards); ``group`` spans every rank."""
     total = local_grad_square_sum(parameters, ranks_per_stage, device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
     return total.sqrt()
 
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[Tensor], max_norm: float, ranks_per_stage: int, device: torch.device, norm: Optional[Tensor] = None
+    parameters: Iterable[Tensor],
+    max_norm: float,
+    ranks_per_stage: int,
+    device: torch.device,
+    norm: Optional[Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
 ) -> Tensor:
     """Scale gradients in place so the global norm is at most ``max_norm``; return the norm.
 
@@ -78,7 +85,7 @@ def clip_grad_norm_(
     """
     parameters = list(parameters)
     if norm is None:
-        norm = global_grad_norm(parameters, ranks_per_stage, device)
+        norm = global_grad_norm(parameters, ranks_per_stage, device, group)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for param in parameters:
         if param.grad is not None:

@@ -1,0 +1,90 @@
+"""Every private torch / Lightning API the project touches, in one place.
+
+Each was checked on torch 2.13.0 and lightning 2.6.6 (the versions CI installs); the
+comment on each names what it is for and, where known, since when it exists. When a new
+release moves one of them, this is the only file to change.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed.distributed_c10d as c10d
+
+# torch ≥ 2.6: resolve a functional collective's group name to its ProcessGroup (comm accounting)
+from torch._C._distributed_c10d import _resolve_process_group  # noqa: F401
+# torch ≥ 2.9: FSDP2-based replicate() for DDP-style data parallel (composable with TP and fully_shard)
+from torch.distributed._composable.replicate_with_fsdp import replicate  # noqa: F401
+# torch ≥ 2.1: the autograd-aware all-gather the all-gather context-parallel backend uses
+from torch.distributed._functional_collectives import all_gather_tensor_autograd  # noqa: F401
+# torch ≥ 2.0: wraps a block in torch.utils.checkpoint (activation checkpointing), keeping parameter names
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: F401
+# torch ≥ 2.6: pipeline schedule internals — the lowered action table of runtime schedules (forward-only pass)
+from torch.distributed.pipelining.schedules import (  # noqa: F401
+    FORWARD,
+    OVERLAP_F_B,
+    RECV_F,
+    RESHARD,
+    SEND_F,
+    UNSHARD,
+    _Action,
+    _PipelineSchedule,
+    _PipelineScheduleRuntime,
+)
+# torch ≥ 2.0: TorchDispatchMode (comm accounting sees every collective op)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401
+
+# lightning 2.6: process-group bootstrap and collectives as Lightning's own strategies do them
+from lightning.fabric.utilities.distributed import (  # noqa: F401, E402
+    _all_gather_ddp_if_available,
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.connector import _convert_precision_to_unified_args  # noqa: F401, E402
+from lightning.fabric.utilities.optimizer import _optimizers_to_device  # noqa: F401, E402
+from lightning.fabric.utilities.types import _PATH  # noqa: F401, E402
+# lightning 2.6: the subprocess launcher (our observer gives rank 0 time to report a failure)
+from lightning.fabric.strategies.launchers.subprocess_script import (  # noqa: F401, E402
+    _ChildProcessObserver,
+    _set_num_threads_if_needed,
+)
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # noqa: F401, E402
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+def flatten_mesh(mesh: "DeviceMesh", name: str) -> "DeviceMesh":
+    """A 1-D view over several mesh dims (torch ≥ 2.6 ``DeviceMesh._flatten``; kept by name, never re-sliced)."""
+    return mesh._flatten(name)
+
+
+def set_group_timeout(group: "dist.ProcessGroup", timeout: timedelta) -> None:
+    """Change a live group's collective timeout (torch ≥ 2.4 ``c10d._set_pg_timeout``)."""
+    c10d._set_pg_timeout(timeout, group)
+
+
+def skip_lightning_backward(trainer: "pl.Trainer", skip: bool) -> None:
+    """Switch off Lightning's backward and zero-grad in the training closure (``fit_loop._skip_backward``,
+    the switch Lightning's own StochasticWeightAveraging callback uses): the pipeline schedule runs backward."""
+    trainer.fit_loop._skip_backward = skip
+
+
+def is_accumulating(trainer: "pl.Trainer") -> bool:
+    """Whether this batch is not the last of an optimizer step (``fit_loop._should_accumulate``)."""
+    return trainer.fit_loop._should_accumulate()
+
+
+def logs_this_step(trainer: "pl.Trainer") -> bool:
+    """Whether loggers are written at this step (``trainer._logger_connector.should_update_logs``)."""
+    return trainer._logger_connector.should_update_logs
+
+
+def split_pipeline_actions(action: Any) -> tuple[Any, ...]:
+    """The computations of one lowered schedule action (an overlapped F/B pair holds two)."""
+    return action.sub_actions if action.computation_type == OVERLAP_F_B else (action,)

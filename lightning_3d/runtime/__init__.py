@@ -1,0 +1,16 @@
+"""The pieces the strategy runs, one job per file, each called from one Lightning hook.
+
+- :mod:`.pipeline`: ``PipelineRunner`` — runs the pipeline schedule where a step calls the model.
+- :mod:`.step_guard`: ``StepGuard`` — partial-gradient reduce, agreed non-finite check, clipping.
+- :mod:`.checkpointer`: ``Checkpointer`` — DCP save / load / async / remove, RNG, layout.
+- :mod:`.faults`: ``FaultMonitor`` — process-group bootstrap, heartbeat, timeouts, NCCL settings.
+- :mod:`.sync`: ``ValueSync`` — what a logged value or metric is reduced over.
+"""
+
+from lightning_3d.runtime.checkpointer import Checkpointer
+from lightning_3d.runtime.faults import FaultMonitor
+from lightning_3d.runtime.pipeline import PipelineRunner
+from lightning_3d.runtime.step_guard import StepGuard
+from lightning_3d.runtime.sync import ValueSync
+
+__all__ = ["Checkpointer", "FaultMonitor", "PipelineRunner", "StepGuard", "ValueSync"]
