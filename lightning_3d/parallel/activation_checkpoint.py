@@ -12,6 +12,10 @@ Modes (``perf.activation_checkpoint``):
   ``full``'s saving of small tensors at a fraction of its recompute, and no collective
   runs twice.
 
+Each checkpointed block restores the forward's RNG state (CPU and device) before its
+recomputation, so dropout draws the same masks in backward; a plan whose blocks draw no
+random numbers sets ``ParallelPlan.random_free_blocks`` to skip that per-block save.
+
 Applied after tensor/context parallel and before ``torch.compile`` and FSDP2, so the
 FSDP unit is the checkpointed block and compile traces the checkpointed forward.
 """
@@ -85,7 +89,9 @@ def apply_activation_checkpointing(model: nn.Module, plan: ParallelPlan, mode: s
         index = int(key) if key.isdigit() else position  # stages keep the whole model's keys
         if not _is_checkpointed(index, mode, every):
             continue
-        options: dict[str, Any] = {"preserve_rng_state": False}  # the blocks draw no random numbers
+        # a recomputed dropout must draw the forward's numbers; stashing the RNG state is skipped
+        # only where the plan vouches that the blocks draw none
+        options: dict[str, Any] = {"preserve_rng_state": not plan.random_free_blocks}
         if mode == "op":
             options["context_fn"] = partial(create_selective_checkpoint_contexts, _save_expensive_ops)
         container.register_module(key, checkpoint_wrapper(block, **options))

@@ -69,17 +69,39 @@ def has_meta_parameters(module: nn.Module) -> bool:
     return any(meta)
 
 
+def _real_buffers(model: nn.Module, prefix: str) -> dict[str, Tensor]:
+    """Every buffer of ``model`` by name (shared ones under each name); none may be on meta."""
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    on_meta = [f"{prefix}.{canonical_name(name)}" for name, buffer in buffers.items() if buffer.is_meta]
+    if on_meta:
+        raise ConfigError(
+            f"{len(on_meta)} of {len(buffers)} buffers are on the meta device after configure_model(): "
+            f"{on_meta[:5]}; the strategy keeps buffers as the model's code builds them (only "
+            "parameters are initialized from init_parameter), so create them with real values"
+        )
+    return buffers
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, prefix: str, device: torch.device, init_fn: InitFn, seed: int) -> None:
     """Allocate every parameter of ``model`` on ``device`` and fill it from ``init_fn``.
 
     ``model`` is the plan root or one pipeline stage of it; ``prefix`` (the root's name in
     the LightningModule) makes the names ``init_fn`` sees the same for every layout.
-    FSDP2 re-links its shards when ``to_empty`` runs on the sharded module.
+    FSDP2 re-links its shards when ``to_empty`` runs on the sharded module. Buffers, built
+    by the model's own code in ``configure_model()``, keep their values (moved to ``device``).
     """
+    buffers = _real_buffers(model, prefix)
     tied = tied_parameter_names(model)
     model.to_empty(device=device)
     retie(model, tied)
+    # to_empty also wiped the buffers: put back the values the model computed
+    moved: dict[int, Tensor] = {}  # by identity, so a buffer shared by modules stays shared
+    for name, buffer in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        if id(buffer) not in moved:
+            moved[id(buffer)] = buffer.to(device)
+        setattr(model.get_submodule(owner), attr, moved[id(buffer)])  # keeps it (non-)persistent
     for name, param in model.named_parameters():
         name = f"{prefix}.{canonical_name(name)}"
         generator = torch.Generator(device=device).manual_seed(_name_seed(seed, name))

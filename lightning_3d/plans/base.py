@@ -26,6 +26,9 @@ class ParallelPlan:
         last_stage: modules that only the last pipeline stage keeps (final norm, head).
             Other stages set them to ``None``; the model's forward must tolerate that.
         attention: the attention module inside a block (for context parallel).
+        random_free_blocks: the blocks draw no random numbers (no dropout) in training, so
+            activation checkpointing may skip saving and restoring the RNG state around each
+            block's recomputation. Leave False when unsure: a wrong True gives wrong gradients.
     """
 
     root: str
@@ -36,3 +39,4 @@ class ParallelPlan:
     first_stage: list[str] = field(default_factory=list)
     last_stage: list[str] = field(default_factory=list)
     attention: str = "attention"
+    random_free_blocks: bool = False

@@ -57,4 +57,5 @@ def llama_plan(model_config: ModelConfig, parallel: ParallelConfig, root: str = 
         fsdp_units=fsdp_units,
         first_stage=["tok_embeddings"],
         last_stage=["norm", "output"],
+        random_free_blocks=True,  # no dropout: checkpointing need not restore the RNG state
     )
