@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.plugins.precision import Precision
@@ -44,18 +43,13 @@ from lightning_3d.parallel.materialize import meta_parameters
 from lightning_3d.plans.base import ParallelPlan
 from lightning_3d.runtime import (
     Checkpointer,
+    Collectives,
     FaultMonitor,
     PipelineRunner,
     StepGuard,
-    ValueSync,
+    layout_of,
 )
-from lightning_3d.validation import (
-    check_layout,
-    module_contract_problems,
-    module_problems,
-    perf_problems,
-    raise_problems,
-)
+from lightning_3d.validation import check_strategy, module_problems, raise_problems
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -127,8 +121,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._state: Optional[Parallelized] = None
         self._dims: Optional[ParallelDims] = None
         self._checkpointer: Optional[Checkpointer] = None
-        self._sync: Optional[ValueSync] = None
-        self._async_group: Optional[dist.ProcessGroup] = None
+        self._collectives: Optional[Collectives] = None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -220,21 +213,11 @@ class ModelParallel4DStrategy(ParallelStrategy):
         module = self.lightning_module
         trainer = module.trainer if module is not None else None
         # Validate before any process group exists, so a bad layout never hangs.
-        if module is not None:
-            raise_problems(module_contract_problems(module, self.parallel))
-        self._dims = check_layout(
-            self.parallel,
-            self.world_size,
-            model=getattr(module, "model_config", None),
-            accumulate_grad_batches=trainer.accumulate_grad_batches if trainer is not None else 1,
-            trainer=TrainerConfig(
-                accelerator=self.root_device.type,
-                devices=self.num_processes,
-                num_nodes=self.num_nodes,
-                precision=str(self.precision_plugin.precision),
-            ),
+        self._dims = check_strategy(
+            module, self.parallel, self.perf, self.world_size,
+            TrainerConfig(self.root_device.type, self.num_processes, self.num_nodes, str(self.precision_plugin.precision)),
+            trainer.accumulate_grad_batches if trainer is not None else 1,
         )
-        raise_problems(perf_problems(self.perf, self._dims, self.root_device.type))
         self._state = getattr(module, _PARALLELIZED, None)
         if self._state is not None and self._state.dims != self._dims:
             raise ConfigError(
@@ -245,15 +228,13 @@ class ModelParallel4DStrategy(ParallelStrategy):
         reset_seed()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         dump_dir = str(Path(trainer.default_root_dir if trainer is not None else ".") / "nccl_traces")
-        self._faults.connect(self.cluster_environment, backend, self.root_device, self.global_rank, self.world_size, dump_dir)
+        self._faults.connect(self.cluster_environment, backend, self.root_device, self.global_rank, self.world_size, dump_dir, self.async_save)
         if self._state is None:
             mesh, meshes = self._dims.build_mesh(self.root_device.type)
             self._state = Parallelized(self._dims, mesh, meshes, root="", stages=[])
+        self._collectives = Collectives(self._state.meshes, self._faults.io_group, self.root_device)
         if module is not None:
             module._device_mesh = self._state.mesh
-        if self.async_save:
-            # the background save runs collectives while training runs its own: separate group
-            self._async_group = dist.new_group(backend="gloo", timeout=self._faults.init_timeout)
 
     @contextmanager
     @override
@@ -272,11 +253,10 @@ class ModelParallel4DStrategy(ParallelStrategy):
         if not hasattr(module, _PARALLELIZED):  # validate/test/predict after fit reuse the parallelized module
             self._parallelize(module, state)
         self._checkpointer = Checkpointer(
-            state.root, self.dims.pp > 1, self._layout(), self.global_rank, self.world_size,
-            self._faults.io_group, self.async_save, self._async_group,
+            state.root, self.dims.pp > 1, layout_of(self.dims, self.parallel), self.global_rank, self.world_size,
+            self._faults.io_group, self.async_save, self._faults.async_group,
         )
-        self._sync = ValueSync(state.meshes)
-        self._sync.attach_metrics(module)
+        self._collectives.attach_metrics(module)
         if state.pipeline is not None:
             state.pipeline.attach(trainer)
         self._guard.setup(self.world_size // self.dims.pp, self.root_device, group=None)
@@ -371,16 +351,6 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._faults.on_exception(self.global_rank, exception)
 
     # ------------------------------------------------------------------ checkpoints
-    def _layout(self) -> dict[str, Any]:
-        """What must match for RNG states to be restored rank by rank."""
-        dims = self.dims
-        return {
-            "world_size": self.world_size,
-            "dims": [dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp],
-            "stages_per_rank": self.parallel.stages_per_rank,
-            "pp_schedule": self.parallel.pp_schedule if dims.pp > 1 else None,
-        }
-
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         return self.checkpointer.model_state(self.lightning_module)
@@ -418,43 +388,26 @@ class ModelParallel4DStrategy(ParallelStrategy):
     # ------------------------------------------------------------------ collectives
     @override
     def barrier(self, name: Optional[str] = None) -> None:
-        if not _distributed_is_initialized():
-            return
-        group = self._faults.io_group
-        if dist.get_backend(group) == "nccl":
-            dist.barrier(group=group, device_ids=[self.root_device.index])
-        else:
-            dist.barrier(group=group)
+        if self._collectives is not None:
+            self._collectives.barrier()
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
-            return obj
-        holder = [obj]
-        dist.broadcast_object_list(holder, src, group=self._faults.io_group)
-        return holder[0]
+        return self._collectives.broadcast(obj, src) if self._collectives is not None else obj
 
     @override
     def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Union[Tensor, Any]:
-        """Reduce over the ranks that hold distinct data (dp × cp), as the last pipeline stage has it; see :class:`ValueSync`."""
-        if not isinstance(tensor, Tensor) or self._sync is None or not _distributed_is_initialized():
-            return tensor
-        return self._sync.reduce(tensor, group, reduce_op)
+        """Over the ranks that hold distinct data (dp × cp), as the last pipeline stage has it (see :class:`Collectives`)."""
+        return self._collectives.reduce(tensor, group, reduce_op) if self._collectives is not None and isinstance(tensor, Tensor) else tensor
 
     @override
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        """Gather from the ranks that hold distinct data (dp × cp), as the last pipeline stage has them."""
-        if self._sync is None or not _distributed_is_initialized():
-            return super().all_gather(tensor, group, sync_grads)
-        return self._sync.all_gather(tensor, group, sync_grads)
+        """From the ranks that hold distinct data (dp × cp), as the last pipeline stage has them."""
+        return self._collectives.all_gather(tensor, group, sync_grads) if self._collectives is not None else tensor
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        if not _distributed_is_initialized():
-            return decision
-        votes = torch.tensor(int(decision), device=self.root_device)
-        dist.all_reduce(votes, group=self._faults.io_group)
-        return bool(votes == self.world_size) if all else bool(votes)
+        return self._collectives.vote(decision, all) if self._collectives is not None else decision
 
     @override
     def teardown(self) -> None:

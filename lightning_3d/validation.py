@@ -295,6 +295,21 @@ def layout_problems(
 # ----------------------------------------------------------------------------- the module itself
 
 
+def check_strategy(
+    module: Any, parallel: ParallelConfig, perf: PerfConfig, world_size: int, trainer: TrainerConfig, accumulate_grad_batches: int
+) -> ParallelDims:
+    """The strategy's checks before any process group: the module's contract, the layout
+    (against the module's ``model_config`` when it has one), the trainer and the speed levers."""
+    problems = module_contract_problems(module, parallel) if module is not None else []
+    dims, layout = layout_problems(parallel, world_size, getattr(module, "model_config", None), None, accumulate_grad_batches)
+    problems += layout + trainer_problems(trainer)
+    if dims is not None:
+        problems += perf_problems(perf, dims, trainer.accelerator)
+    raise_problems(problems)
+    assert dims is not None  # no problems means the dims resolved
+    return dims
+
+
 def module_contract_problems(module: Any, parallel: ParallelConfig) -> list[str]:
     """What a LightningModule must provide for this layout (checked before any process group)."""
     name = type(module).__name__

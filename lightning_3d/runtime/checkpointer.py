@@ -50,10 +50,22 @@ from lightning_3d.checkpoint import (
     set_rng_state,
     write_atomically,
 )
+from lightning_3d.config import ParallelConfig
+from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
 
 # optimizer states are saved flattened (one entry per parameter), which is what lets DCP reshard them
 _FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def layout_of(dims: ParallelDims, parallel: ParallelConfig) -> dict[str, Any]:
+    """What must match for RNG states to be restored rank by rank."""
+    return {
+        "world_size": dims.world_size,
+        "dims": [dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp],
+        "stages_per_rank": parallel.stages_per_rank,
+        "pp_schedule": parallel.pp_schedule if dims.pp > 1 else None,
+    }
 
 
 class Checkpointer:

@@ -36,15 +36,24 @@ class FaultMonitor:
         self.init_timeout = timedelta(seconds=parallel.init_timeout_s)
         self.step_timeout = timedelta(seconds=parallel.timeout_s)
         self.io_group: Optional[dist.ProcessGroup] = None
+        self.async_group: Optional[dist.ProcessGroup] = None  # background checkpoint saves
         self.failure_report: Optional[str] = None  # which ranks broke the job, after a communication failure
         self.failed = False
         self._heartbeat: Optional[Heartbeat] = None
         self._steady = False
 
     def connect(
-        self, environment: ClusterEnvironment, backend: str, device: torch.device, rank: int, world_size: int, dump_dir: str
+        self,
+        environment: ClusterEnvironment,
+        backend: str,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        dump_dir: str,
+        async_save: bool = False,
     ) -> None:
-        """Create the default process group, the I/O group and the heartbeat."""
+        """Create the default process group, the I/O group (and with ``async_save`` the background
+        save's group: its collectives run while training runs its own) and the heartbeat."""
         if backend == "nccl":
             # a hung collective then leaves a flight-recorder dump per rank (explicit settings win)
             for name, value in nccl_debug_env(dump_dir).items():
@@ -57,6 +66,8 @@ class FaultMonitor:
             **self._restarted_worker_store(world_size),
         )
         self.io_group = dist.new_group(timeout=self.init_timeout)
+        if async_save:
+            self.async_group = dist.new_group(backend="gloo", timeout=self.init_timeout)
         self._heartbeat = Heartbeat.from_environment(rank, world_size)
 
     def _restarted_worker_store(self, world_size: int) -> dict[str, Any]:

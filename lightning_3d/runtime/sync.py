@@ -1,4 +1,9 @@
-"""ValueSync: what ``self.log(..., sync_dist=True)``, ``all_gather`` and torchmetrics reduce over.
+"""Collectives: the strategy's barrier, broadcast, reduce and all-gather, each on the right group.
+
+Barriers, broadcasts and votes run between steps (checkpoint I/O, Lightning's own
+bookkeeping): they use the I/O group, which keeps the startup timeout.
+
+``self.log(..., sync_dist=True)``, ``all_gather`` and torchmetrics:
 
 A logged value is reduced over the ranks that hold distinct data — the ``loss`` mesh,
 dp × cp — not the whole world, which would count each value once per tp rank and per
@@ -22,12 +27,15 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from lightning_3d.compat import _all_gather_ddp_if_available, _sync_ddp_if_available
 
 
-class ValueSync:
+class Collectives:
     """Args:
     meshes: the strategy's mesh views (``loss`` and ``pp`` are used).
+    io_group: the group for barriers, broadcasts and votes.
+    device: this rank's device.
     """
 
-    def __init__(self, meshes: dict[str, DeviceMesh]) -> None:
+    def __init__(self, meshes: dict[str, DeviceMesh], io_group: Optional[dist.ProcessGroup], device: torch.device) -> None:
+        self.io_group, self.device = io_group, device
         self.group = meshes["loss"].get_group()
         pp_mesh = meshes["pp"]
         self.pp_group = pp_mesh.get_group() if pp_mesh.size() > 1 else None
@@ -46,13 +54,15 @@ class ValueSync:
         return self._from_last_stage(reduced.contiguous())
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        """``tensor`` of every rank holding distinct data, stacked on a new dim 0, as the last stage has them."""
-        if group is not None or sync_grads:
+        """``tensor`` of every rank holding distinct data, stacked on a new dim 0, as the last stage has them
+        (another ``group`` than the world, or ``sync_grads``: Lightning's all-gather over that group)."""
+        # LightningModule.all_gather passes WORLD when the user names no group
+        if (group is not None and group is not dist.group.WORLD) or sync_grads:
             return _all_gather_ddp_if_available(tensor, group=group or self.group, sync_grads=sync_grads)
-        tensor = tensor.contiguous()
-        gathered = torch.empty((dist.get_world_size(self.group), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(gathered, tensor, group=self.group)
-        return self._from_last_stage(gathered)
+        size = dist.get_world_size(self.group)
+        gathered = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        dist.all_gather_into_tensor(gathered, tensor.reshape(-1).contiguous(), group=self.group)
+        return self._from_last_stage(gathered.view(size, *tensor.shape))
 
     def gather_metric_state(self, tensor: Tensor, group: Optional[Any] = None) -> list[Tensor]:
         """torchmetrics' ``dist_sync_fn`` under pipeline parallel: the states of the ranks holding
@@ -69,3 +79,20 @@ class ValueSync:
                 metric.process_group = self.group
                 if self.pp_group is not None:
                     metric.dist_sync_fn = self.gather_metric_state
+
+    def barrier(self) -> None:
+        if dist.get_backend(self.io_group) == "nccl":
+            dist.barrier(group=self.io_group, device_ids=[self.device.index])
+        else:
+            dist.barrier(group=self.io_group)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        holder = [obj]
+        dist.broadcast_object_list(holder, src, group=self.io_group)
+        return holder[0]
+
+    def vote(self, decision: bool, all: bool = True) -> bool:
+        """Whether every rank (``all``) or any rank decided so."""
+        votes = torch.tensor(int(decision), device=self.device)
+        dist.all_reduce(votes, group=self.io_group)
+        return bool(votes == dist.get_world_size(self.io_group)) if all else bool(votes)
