@@ -331,7 +331,7 @@ def test_error_special_file_is_never_opened(tmp_path: Path) -> None:
     assert isinstance(error, ValueError) and "zz.pipe is not a regular file but a named pipe" in str(error)
     if os.path.exists("/dev/null"):
         assert load_error(files_config(Path("/dev/null"))).startswith(
-            "ValueError: data path /dev/null is not a regular file but a character device"
+            "ConfigError: data path /dev/null is not a regular file but a character device"
         )
 
 
@@ -349,8 +349,8 @@ def test_error_empty_file_named_directly(tmp_path: Path, name: str, content: byt
     path.write_bytes(content)
     write_docs(tmp_path / "good", 5)
     expected = f"data file {path} {message}"
-    assert load_error(files_config(tmp_path / "good", path)) == f"ValueError: {expected}"
-    assert load_error(files_config(tmp_path / "good", val_paths=[str(path)])) == f"ValueError: {expected}"
+    assert load_error(files_config(tmp_path / "good", path)) == f"ConfigError: {expected}"
+    assert load_error(files_config(tmp_path / "good", val_paths=[str(path)])) == f"ConfigError: {expected}"
     assert data_file_problems(files_config(tmp_path / "good", val_paths=[str(path)])) == [expected]
 
 
@@ -393,7 +393,7 @@ def test_error_bin_size_not_multiple_of_dtype(tmp_path: Path) -> None:
     config = DataConfig(source="files", paths=[str(path)], token_dtype="uint32")
     with pytest.raises(ValueError, match=r"odd.bin has 14 bytes.*4 bytes per uint32"):
         load_token_splits(config, 512)
-    assert data_file_problems(config) == [load_error(config).removeprefix("ValueError: ")]
+    assert data_file_problems(config) == [load_error(config).removeprefix("ConfigError: ")]
 
 
 def test_error_uint32_read_as_uint16(tmp_path: Path) -> None:
@@ -405,7 +405,7 @@ def test_error_uint32_read_as_uint16(tmp_path: Path) -> None:
         "of its first 2000 are 0, as the high halves of uint32 ids below 65536 are; "
         "set data.token_dtype=uint32 if it was written as uint32"
     )
-    assert load_error(config) == f"ValueError: {message}"
+    assert load_error(config) == f"ConfigError: {message}"
     assert data_file_problems(config) == [message]
     train, val = load_token_splits(files_config(path, token_dtype="uint32", seq_len=16), 512)
     assert len(train) + len(val) == 1000
@@ -451,7 +451,7 @@ def test_error_token_ids_out_of_vocab_suggest_dtype(tmp_path: Path) -> None:
     assert largest > 65535
     config = files_config(path, token_dtype="uint32")
     assert load_error(config) == (
-        f"ValueError: {path} holds token id {largest} (its max), not below vocab_size=512; ids this large are "
+        f"ConfigError: {path} holds token id {largest} (its max), not below vocab_size=512; ids this large are "
         "what a file written as uint16 gives when read as uint32: is data.token_dtype=uint32 the dtype it was "
         "written with?"
     )
@@ -665,3 +665,61 @@ def test_datamodule_with_trainer_accumulation(tmp_path: Path) -> None:
     order = GlobalOrderSampler(len(module.train_dataset), 4, 1, 0, shuffle=True, seed=2).global_order()[:16]
     expected = torch.stack([module.train_dataset[int(i)]["input_ids"] for i in order])
     assert torch.equal(torch.cat(model.seen), expected)
+
+
+class ValidatingModule(RecordingModule):
+    """Also remembers its validation batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_seen: list[torch.Tensor] = []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_seen.append(batch["input_ids"].clone())
+
+
+def fit_one_step(tmp_path: Path, accumulate: int, val_batches: int) -> tuple[ValidatingModule, TextDataModule]:
+    """One optimizer step, then the validation at the end of the (cut) epoch."""
+    module = TextDataModule(small_files_config(tmp_path, val_batches=val_batches), vocab_size=512, seed=2)
+    model = ValidatingModule()
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=accumulate,
+        accumulate_grad_batches=accumulate,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=module)
+    return model, module
+
+
+@pytest.mark.parametrize("val_batches", [2, 1000], ids=["capped", "whole_split"])
+def test_validation_batches_are_training_sized_and_cover_the_same_samples(tmp_path: Path, val_batches: int) -> None:
+    model, module = fit_one_step(tmp_path, accumulate=4, val_batches=val_batches)
+    # global batch 8 / 4 accumulated micro-batches: 2 sequences in training and validation alike
+    assert [b.shape for b in model.seen] == [(2, 16)] * 4
+    whole = min(val_batches, len(module.val_dataset) // 8)
+    assert [b.shape for b in model.val_seen] == [(2, 16)] * (whole * 4)
+    reference, _ = fit_one_step(tmp_path, accumulate=1, val_batches=val_batches)
+    assert [b.shape for b in reference.val_seen] == [(8, 16)] * whole
+    # the first `whole` global batches of the unshuffled split, with accumulation or without
+    assert torch.equal(torch.cat(model.val_seen), torch.cat(reference.val_seen))
+
+
+def test_validation_needs_one_global_batch_whatever_the_micro_batch(tmp_path: Path) -> None:
+    module = TextDataModule(small_files_config(tmp_path, global_batch_size=256), vocab_size=512)
+    module.trainer = lightning.Trainer(accumulate_grad_batches=128, logger=False, enable_progress_bar=False)
+    module.setup("fit")
+    count = len(module.val_dataset)
+    with pytest.raises(ValueError, match=rf"validation split has {count} sequences of seq_len 16, fewer than one global batch of 256"):
+        module.val_dataloader()
+
+
+def test_val_batches_must_be_positive(tmp_path: Path) -> None:
+    module = TextDataModule(small_files_config(tmp_path, val_batches=0), vocab_size=512)
+    with pytest.raises(ValueError, match=r"data.val_batches=0 must be > 0"):
+        module.val_dataloader()

@@ -20,9 +20,11 @@ from lightning_3d.validation import global_batch_problem
 class TextDataModule(lightning.LightningDataModule):
     """Serves ``config.global_batch_size`` sequences per optimizer step, shared among DP ranks.
 
-    One training batch is one micro-batch: ``global_batch_size // accumulate_grad_batches``
-    sequences across all data-parallel ranks, ``per_rank_batch_size`` of them on this rank.
-    A validation batch is a whole global batch (validation does not accumulate).
+    One batch, in training and in validation alike, is one micro-batch:
+    ``global_batch_size // accumulate_grad_batches`` sequences across all data-parallel
+    ranks, ``per_rank_batch_size`` of them on this rank, so validation fits in memory
+    wherever training does. Validation covers the first ``val_batches`` global batches'
+    worth of samples, i.e. ``val_batches × accumulate_grad_batches`` micro-batches.
     The data-parallel size and rank come from the trainer's strategy
     (``distributed_sampler_kwargs``), so tensor/context/pipeline-parallel ranks of one
     data-parallel group get the same batch.
@@ -127,9 +129,21 @@ class TextDataModule(lightning.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         _, val_dataset = self._datasets()
-        # no accumulation in validation: one batch is the whole global batch
-        self._check_batch_layout()
-        return self._loader(val_dataset, self.config.global_batch_size, shuffle=False, max_batches=self.config.val_batches)
+        micro_batch, global_batch = self.micro_batch_size, self.config.global_batch_size
+        if self.config.val_batches <= 0:
+            raise ConfigError(
+                f"data.val_batches={self.config.val_batches} must be > 0 (trainer.limit_val_batches=0 skips validation)"
+            )
+        # the validation set is whole global batches, whatever the accumulation
+        whole = len(val_dataset) // global_batch
+        if whole == 0:
+            raise ConfigError(
+                f"the {val_dataset.name} split has {len(val_dataset)} sequences of seq_len {self.config.seq_len}, "
+                f"fewer than one global batch of {global_batch}"
+            )
+        batches = min(self.config.val_batches, whole) * self.accumulate_grad_batches
+        # training-sized batches: accumulation was what made a training step fit in memory
+        return self._loader(val_dataset, micro_batch, shuffle=False, max_batches=batches)
 
     # ------------------------------------------------------------------ helpers
 

@@ -46,6 +46,12 @@ def balanced_positions(local_len: int, rank: int, cp: int, device: torch.device 
 
 def shard_sequence(tensor: Tensor, rank: int, cp: int, dim: int = 1) -> Tensor:
     """This rank's two chunks of ``tensor`` along ``dim`` (length divisible by 2·cp)."""
+    if tensor.shape[dim] % (2 * cp):
+        # torch.chunk would return uneven or fewer chunks: tokens lost or misplaced
+        raise ConfigError(
+            f"context parallel (cp={cp}) cuts a sequence into 2·cp={2 * cp} equal chunks; "
+            f"length {tensor.shape[dim]} (dim {dim} of shape {tuple(tensor.shape)}) does not divide"
+        )
     chunks = tensor.chunk(2 * cp, dim=dim)
     first, second = chunk_ids(rank, cp)
     return torch.cat([chunks[first], chunks[second]], dim=dim)
@@ -54,14 +60,19 @@ def shard_sequence(tensor: Tensor, rank: int, cp: int, dim: int = 1) -> Tensor:
 # batch entries cut along the sequence (dim 1) unless the module names its own
 SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "positions")
 
+SequenceKeys = Iterable[str] | Mapping[str, int | None]
 
-def shard_batch(batch: Any, rank: int, cp: int, sequence_keys: Iterable[str] = ()) -> Any:
+
+def shard_batch(batch: Any, rank: int, cp: int, sequence_keys: SequenceKeys = ()) -> Any:
     """This cp rank's two chunks of each sequence-shaped entry of a dict batch.
 
     Sequence-shaped entries are :data:`SEQUENCE_KEYS` plus ``sequence_keys`` (a module's
-    ``context_parallel_keys``); they are cut along dim 1. Any other tensor of two or more
-    dims is refused: cutting an image or a per-sample feature along dim 1 would be silently
-    wrong, and keeping it whole may be wrong too. 0-/1-D tensors and non-tensors pass unchanged.
+    ``context_parallel_keys``): names, cut along dim 1, or a mapping name → the dim to cut,
+    ``None`` keeping that entry whole on every cp rank. Any other tensor of two or more
+    dims, also inside a list or dict, is refused: cutting an image or a per-sample feature
+    along dim 1 would be silently wrong, and keeping it whole may be wrong too. 0-/1-D
+    tensors and non-tensors pass unchanged. Only shapes are read, so every rank given
+    batches of one layout raises the same error, before any collective of the step.
     """
     if cp == 1:
         return batch
@@ -70,18 +81,77 @@ def shard_batch(batch: Any, rank: int, cp: int, sequence_keys: Iterable[str] = (
             f"context parallel (cp={cp}) cuts dict batches by key; got a {type(batch).__name__}. Return a dict with "
             f"{list(SEQUENCE_KEYS)} (or name the sequence keys in the module's `context_parallel_keys`)"
         )
-    keys = set(SEQUENCE_KEYS) | set(sequence_keys)
-    unknown = {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, Tensor) and v.ndim >= 2 and k not in keys}
-    if unknown:
+    named = _named_dims(sequence_keys)
+    dims: dict[str, int] = {}  # the entries to cut, and along which dim
+    problems = []
+    for key, value in batch.items():
+        if key in named:
+            dim = named[key]
+            if dim is None:
+                continue
+            if not isinstance(value, Tensor) or value.ndim <= dim:
+                problems.append(f"{key!r} {_describe(value)} is named in `context_parallel_keys` but has no dim {dim} to cut")
+                continue
+            dims[key] = dim
+        elif isinstance(value, Tensor):
+            if value.ndim < 2:
+                continue
+            if key not in SEQUENCE_KEYS:
+                problems.append(f"{key!r} of shape {tuple(value.shape)} is not a known sequence entry")
+                continue
+            dims[key] = 1
+        else:
+            nested = _nested_shapes(value)
+            if nested:
+                problems.append(f"{key!r} holds tensors of shapes {nested} inside a {type(value).__name__}")
+    if problems:
         raise ConfigError(
-            f"context parallel (cp={cp}) cuts only sequence-shaped batch entries along dim 1 ({sorted(keys)}); "
-            f"the batch also has {unknown}. Name the entries that are (batch, sequence, ...) in the LightningModule's "
-            "`context_parallel_keys`, or drop the others from the batch"
+            f"context parallel (cp={cp}) cuts only sequence entries of the batch ({sorted(_cut_names(named))}): "
+            + "; ".join(problems)
+            + ". In the LightningModule, set `context_parallel_keys = [names]` for (batch, sequence, ...) entries to "
+            "cut along dim 1, or a dict {name: dim to cut, or None to keep it whole on every cp rank}"
         )
-    short = {k: tuple(v.shape) for k, v in batch.items() if k in keys and isinstance(v, Tensor) and v.ndim >= 2 and v.shape[1] % (2 * cp)}
+    lengths = {key: batch[key].shape[dim] for key, dim in dims.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"context parallel (cp={cp}) cuts the sequence entries together: they need one length, got {lengths}")
+    short = {key: length for key, length in lengths.items() if length % (2 * cp)}
     if short:
-        raise ConfigError(f"context parallel (cp={cp}) cuts each sequence into 2·cp={2 * cp} chunks; {short} do not divide")
-    return {k: shard_sequence(v, rank, cp) if k in keys and isinstance(v, Tensor) and v.ndim >= 2 else v for k, v in batch.items()}
+        raise ConfigError(f"context parallel (cp={cp}) cuts each sequence into 2·cp={2 * cp} chunks; lengths {short} do not divide")
+    return {key: shard_sequence(value, rank, cp, dims[key]) if key in dims else value for key, value in batch.items()}
+
+
+def _named_dims(sequence_keys: SequenceKeys) -> dict[str, int | None]:
+    """A module's ``context_parallel_keys`` as name → dim to cut (None: keep whole)."""
+    if isinstance(sequence_keys, str):  # one name, not its letters
+        sequence_keys = (sequence_keys,)
+    named = dict(sequence_keys) if isinstance(sequence_keys, Mapping) else dict.fromkeys(sequence_keys, 1)
+    bad = {key: dim for key, dim in named.items() if dim is not None and not _is_dim(dim)}
+    if bad:
+        raise ConfigError(f"context_parallel_keys {bad}: give each entry the dim to cut (1 or more; dim 0 is the batch) or None")
+    return named
+
+
+def _is_dim(dim: Any) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1
+
+
+def _cut_names(named: Mapping[str, int | None]) -> set[str]:
+    return (set(SEQUENCE_KEYS) | set(named)) - {key for key, dim in named.items() if dim is None}
+
+
+def _nested_shapes(value: Any) -> list[tuple[int, ...]]:
+    """Shapes of the tensors of two or more dims inside lists, tuples and dicts."""
+    if isinstance(value, Tensor):
+        return [tuple(value.shape)] if value.ndim >= 2 else []
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [shape for item in value for shape in _nested_shapes(item)]
+    return []
+
+
+def _describe(value: Any) -> str:
+    return f"of shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"(a {type(value).__name__})"
 
 
 # ----------------------------------------------------------------------------- block math
