@@ -294,7 +294,7 @@ def test_error_unreadable_files(world_readable_dir: Path) -> None:
     denied = [f"cannot read data file {path}: Permission denied" for path in [*secrets, inner]]
     expected = [*denied, f"cannot read data folder {sub}: Permission denied", f"data path {missing} does not exist"]
     assert result["problems"] == expected
-    assert result["loads"] == [f"ValueError: {message}" for message in expected[:-1]] + [
+    assert result["loads"] == [f"ConfigError: {message}" for message in expected[:-1]] + [
         f"FileNotFoundError: {expected[-1]}"
     ]
 

@@ -266,8 +266,8 @@ def _stat(path: Path) -> os.stat_result:
     raise FileNotFoundError(f"data path {path} does not exist")
 
 
-def _unreadable(path: Path, error: OSError, kind: str = "file") -> ValueError:
-    return ValueError(f"cannot read data {kind} {path}: {error.strerror or error}")
+def _unreadable(path: Path, error: OSError, kind: str = "file") -> ConfigError:
+    return ConfigError(f"cannot read data {kind} {path}: {error.strerror or error}")
 
 
 def _probe_file(file: _DataFile, config: DataConfig) -> None:
