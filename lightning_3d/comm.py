@@ -44,11 +44,16 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch._C._distributed_c10d import _resolve_process_group
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_3d.compat import (
+    OpOverload,
+    TorchDispatchMode,
+    _resolve_process_group,
+    op_arguments,
+    op_name,
+)
 from lightning_3d.config import Config, ModelConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
@@ -173,11 +178,11 @@ _FUNCTIONAL: dict[str, tuple[str, int, Callable[[tuple, int], int]]] = {
 _FUNCTIONAL_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d_functional")
 
 
-def _positional(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple:
+def _positional(func: OpOverload, args: tuple, kwargs: dict) -> tuple:
     """The op's arguments in schema order, defaults filled in."""
     if not kwargs:
         return tuple(args)
-    rest = func._schema.arguments[len(args):]
+    rest = op_arguments(func)[len(args):]
     return tuple(args) + tuple(kwargs.get(a.name, a.default_value) for a in rest)
 
 
@@ -207,13 +212,13 @@ class CommCounter(TorchDispatchMode):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # DTensor desugars first; its collectives come back here
         kwargs = kwargs or {}
-        if not isinstance(func, torch._ops.OpOverload):
+        if not isinstance(func, OpOverload):
             return func(*args, **kwargs)  # higher-order operators: never a collective
         self._record(func, args, kwargs)
         return func(*args, **kwargs)
 
-    def _record(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
-        namespace, name = func.namespace, func._opname
+    def _record(self, func: OpOverload, args: tuple, kwargs: dict) -> None:
+        namespace, name = func.namespace, op_name(func)
         table = _C10D if namespace == "c10d" else _FUNCTIONAL if namespace in _FUNCTIONAL_NAMESPACES else {}
         if name not in table:
             return

@@ -7,21 +7,24 @@ release moves one of them, this is the only file to change.
 
 from __future__ import annotations
 
+# ruff: noqa: F401, I001 — re-exports, grouped by library and purpose rather than sorted
+
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed.distributed_c10d as c10d
 
 # torch ≥ 2.6: resolve a functional collective's group name to its ProcessGroup (comm accounting)
-from torch._C._distributed_c10d import _resolve_process_group  # noqa: F401
+from torch._C._distributed_c10d import _resolve_process_group
 # torch ≥ 2.9: FSDP2-based replicate() for DDP-style data parallel (composable with TP and fully_shard)
-from torch.distributed._composable.replicate_with_fsdp import replicate  # noqa: F401
+from torch.distributed._composable.replicate_with_fsdp import replicate
 # torch ≥ 2.1: the autograd-aware all-gather the all-gather context-parallel backend uses
-from torch.distributed._functional_collectives import all_gather_tensor_autograd  # noqa: F401
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 # torch ≥ 2.0: wraps a block in torch.utils.checkpoint (activation checkpointing), keeping parameter names
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: F401
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 # torch ≥ 2.6: pipeline schedule internals — the lowered action table of runtime schedules (forward-only pass)
-from torch.distributed.pipelining.schedules import (  # noqa: F401
+from torch.distributed.pipelining.schedules import (
     FORWARD,
     OVERLAP_F_B,
     RECV_F,
@@ -33,30 +36,52 @@ from torch.distributed.pipelining.schedules import (  # noqa: F401
     _PipelineScheduleRuntime,
 )
 # torch ≥ 2.0: TorchDispatchMode (comm accounting sees every collective op)
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401
+from torch.utils._python_dispatch import TorchDispatchMode
 
-# lightning 2.6: process-group bootstrap and collectives as Lightning's own strategies do them
-from lightning.fabric.utilities.distributed import (  # noqa: F401, E402
+# lightning 2.6: process-group bootstrap and collectives, as Lightning's own strategies do them
+from lightning.fabric.utilities.distributed import (
     _all_gather_ddp_if_available,
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
     _sync_ddp_if_available,
 )
-from lightning.fabric.connector import _convert_precision_to_unified_args  # noqa: F401, E402
-from lightning.fabric.utilities.optimizer import _optimizers_to_device  # noqa: F401, E402
-from lightning.fabric.utilities.types import _PATH  # noqa: F401, E402
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
+# lightning 2.6: Lightning's precision aliases ("bf16", 32) → the unified names
+from lightning.fabric.connector import _convert_precision_to_unified_args
 # lightning 2.6: the subprocess launcher (our observer gives rank 0 time to report a failure)
-from lightning.fabric.strategies.launchers.subprocess_script import (  # noqa: F401, E402
-    _ChildProcessObserver,
-    _set_num_threads_if_needed,
-)
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher  # noqa: F401, E402
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver, _set_num_threads_if_needed
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
+
+
+# torch ≥ 2.0: the type of a dispatched ATen / c10d op (comm accounting reads its schema and name)
+OpOverload = torch._ops.OpOverload
+
+
+def op_arguments(func: OpOverload) -> list[Any]:
+    """The schema's declared arguments of an op (``OpOverload._schema.arguments``)."""
+    return func._schema.arguments
+
+
+def op_name(func: OpOverload) -> str:
+    """An op's name without its namespace and overload (``OpOverload._opname``)."""
+    return func._opname
+
+
+def dynamo_supported() -> bool:
+    """Whether torch.compile can run here (``torch._dynamo.is_dynamo_supported``)."""
+    return torch._dynamo.is_dynamo_supported()
+
+
+def compile_backends() -> list[str]:
+    """The torch.compile backends this install knows (``torch._dynamo.list_backends``)."""
+    return torch._dynamo.list_backends(exclude_tags=())
 
 
 def flatten_mesh(mesh: "DeviceMesh", name: str) -> "DeviceMesh":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from lightning_3d.compat import flatten_mesh
 from lightning_3d.config import ParallelConfig
 from lightning_3d.errors import ConfigError
 
@@ -93,9 +94,9 @@ class ParallelDims:
         """
         mesh = init_device_mesh(device_type, tuple(getattr(self, name) for name in MESH_DIMS), mesh_dim_names=MESH_DIMS)
         views = {name: mesh[name] for name in MESH_DIMS}
-        views["dp"] = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        views["fsdp"] = mesh["dp_shard", "cp"]._flatten("fsdp")
-        views["loss"] = mesh["dp_replicate", "dp_shard", "cp"]._flatten("loss")
+        views["dp"] = flatten_mesh(mesh["dp_replicate", "dp_shard"], "dp")
+        views["fsdp"] = flatten_mesh(mesh["dp_shard", "cp"], "fsdp")
+        views["loss"] = flatten_mesh(mesh["dp_replicate", "dp_shard", "cp"], "loss")
         if self.dp_replicate > 1:
             # with cp > 1 this re-slices the flattened fsdp dim (torch warns); built only when used
             views["hsdp"] = mesh["dp_replicate", "dp_shard"] if self.cp == 1 else mesh["dp_replicate", "fsdp"]

@@ -12,15 +12,13 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from lightning.fabric.strategies.launchers.subprocess_script import (
-    _ChildProcessObserver,
-    _set_num_threads_if_needed,
-)
-from lightning.pytorch.strategies.launchers.subprocess_script import (
-    _SubprocessScriptLauncher,
-)
 from typing_extensions import override
 
+from lightning_3d.compat import (
+    _ChildProcessObserver,
+    _set_num_threads_if_needed,
+    _SubprocessScriptLauncher,
+)
 from lightning_3d.health import HEARTBEAT_INTERVAL_S, MISSED_BEATS
 
 if TYPE_CHECKING:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+from lightning_3d.compat import _convert_precision_to_unified_args
 from lightning_3d.config import (
     DataConfig,
     ModelConfig,

@@ -27,14 +27,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    checkpoint_wrapper,
-)
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     create_selective_checkpoint_contexts,
 )
 
+from lightning_3d.compat import checkpoint_wrapper
 from lightning_3d.errors import ConfigError
 from lightning_3d.plans.base import ParallelPlan
 

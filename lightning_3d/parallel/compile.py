@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lightning_3d.compat import compile_backends, dynamo_supported
 from lightning_3d.plans.base import ParallelPlan
 
 # inductor's CPU code is C++: it needs one of these on PATH (or $CXX)
@@ -37,9 +38,9 @@ def compile_problems(compile: bool, backend: str, accelerator: str, tp: int = 1)
             f"perf.compile=true with tensor parallel (parallel.tp={tp}) is not supported: compiled tensor-parallel "
             "blocks fail in backward or change the losses on torch 2.13; use perf.compile=false or parallel.tp=1"
         ]
-    if not torch._dynamo.is_dynamo_supported():
+    if not dynamo_supported():
         return ["perf.compile=true: torch.compile does not support this Python/platform; set perf.compile=false"]
-    known = [name for name in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in name]
+    known = [name for name in compile_backends() if "TESTING" not in name]
     if backend not in known:
         return [f"perf.compile_backend={backend!r} is not a torch.compile backend; valid: {', '.join(known)}"]
     if backend == "inductor" and accelerator == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, _CPP_COMPILERS))):

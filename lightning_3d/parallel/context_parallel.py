@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
+from lightning_3d.compat import all_gather_tensor_autograd
 from lightning_3d.errors import ConfigError
 
 BACKENDS = ("ring", "allgather", "native")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -27,6 +26,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
+from lightning_3d.compat import replicate
 from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.tensor_parallel import blocks_of, present_module

@@ -18,19 +18,21 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
+    PipelineScheduleSingle,
+    get_schedule_class,
+)
+
+from lightning_3d.compat import (
     FORWARD,
-    OVERLAP_F_B,
     RECV_F,
     RESHARD,
     SEND_F,
     UNSHARD,
-    PipelineScheduleSingle,
     _Action,
     _PipelineSchedule,
     _PipelineScheduleRuntime,
-    get_schedule_class,
+    split_pipeline_actions,
 )
-
 from lightning_3d.errors import ConfigError
 from lightning_3d.loss import cross_entropy_sum
 from lightning_3d.plans.base import ParallelPlan
@@ -162,8 +164,7 @@ def _forward_only(schedule: _PipelineScheduleRuntime) -> None:
     for rank, actions in schedule.pipeline_order_with_comms.items():
         forwards[rank] = []
         for action in actions:
-            parts = action.sub_actions if action.computation_type == OVERLAP_F_B else (action,)
-            forwards[rank] += [part for part in parts if part.computation_type in _FORWARD_ACTIONS]
+            forwards[rank] += [part for part in split_pipeline_actions(action) if part.computation_type in _FORWARD_ACTIONS]
     schedule.pipeline_order_with_comms = forwards
 
 
