@@ -13,15 +13,19 @@ from typing import Optional
 
 from lightning_3d.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity), by a substring of
-# torch.cuda.get_device_name(); the first match wins, so longer names come first.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
+# Dense peak FLOP/s per device (vendor figures, no sparsity) by the kind of matmul a run does, keyed by
+# a substring of torch.cuda.get_device_name(); the first match wins, so longer names come first.
+# "half": bf16 or fp16 tensor cores (the same rate on these parts); "tf32": fp32 matmuls on tensor
+# cores (torch.get_float32_matmul_precision() "high" or "medium"); "fp32": plain fp32 ("highest").
+# Other GPUs get Lightning's get_available_flops: its table (checked on lightning 2.6) misses a plain
+# "NVIDIA H200", reads an L40S as an L4 and gives some Hopper parts with sparsity.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"half": 989e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100 PCIe": {"half": 756e12, "tf32": 378e12, "fp32": 51.2e12},
+    "H100": {"half": 989e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "A100": {"half": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"half": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "A10G": {"half": 70e12, "fp32": 31.2e12},
 }
 
 
@@ -38,11 +42,27 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> int:
     return 6 * matmul_params(config) + 12 * config.n_layers * config.dim * seq_len
 
 
-def peak_flops(device_name: str, override: Optional[float] = None) -> Optional[float]:
-    """A device's dense bf16 peak FLOP/s: ``override`` if given, else the table, else None (unknown)."""
+def matmul_kind(precision: str, tf32: bool = False) -> Optional[str]:
+    """The :data:`PEAK_FLOPS` column for a Lightning precision flag (``"bf16-mixed"``, ``"32-true"``, …);
+    None for one the table has no column for (fp64, float8 engines)."""
+    if precision.startswith(("bf16", "16")):
+        return "half"
+    if precision.startswith("32"):
+        return "tf32" if tf32 else "fp32"
+    return None
+
+
+def peak_flops(device_name: str, precision: str, override: Optional[float] = None, tf32: bool = False) -> Optional[float]:
+    """One device's dense peak FLOP/s for the matmuls of a run at ``precision`` (the trainer's flag):
+    ``override`` if given, else the table, else None (unknown device or precision).
+
+    ``tf32``: fp32 matmuls run on tensor cores (``torch.get_float32_matmul_precision() != "highest"``).
+    """
     if override is not None:
         return override
-    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_name), None)
+    kind = matmul_kind(precision, tf32)
+    row = next((row for name, row in PEAK_FLOPS.items() if name in device_name), None)
+    return row.get(kind) if row is not None and kind is not None else None
 
 
 def mfu(tokens_per_s_per_device: float, config: ModelConfig, seq_len: int, peak: float) -> float:

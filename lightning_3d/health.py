@@ -199,17 +199,32 @@ class Heartbeat:
         return "; ".join(parts)
 
 
-def nccl_debug_env(dump_dir: str) -> dict[str, str]:
-    """NCCL watchdog and flight-recorder settings: a timed-out collective leaves a per-rank dump.
+# TORCH_NCCL_ASYNC_ERROR_HANDLING (ProcessGroupNCCL's ErrorHandlingMode, per torch's docs): 0 no
+# handling (a hung collective hangs on), 1 abort the communicators and end the process, 2 abort the
+# communicators only, 3 end the process without aborting them (torch's default; torchrun's agent puts
+# 1 in its workers' environment when the variable is unset). 1 and 3 end the process from the
+# watchdog thread, so no Python exception is raised and no exception hook runs.
+NCCL_ABORT_COMMUNICATORS_ONLY = "2"
 
-    The flight recorder keeps the last collectives of every rank in a ring buffer; on a
-    watchdog timeout each rank writes it to ``<dump_dir>/nccl_trace_rank_<rank>`` (read it
-    with ``torchfrtrace`` / ``python -m torch.distributed.flight_recorder.fr_trace``).
+
+def nccl_debug_env(dump_dir: str) -> dict[str, str]:
+    """NCCL watchdog and flight-recorder settings: a timed-out collective raises in the main thread
+    and leaves a per-rank dump.
+
+    On a timeout (``parallel.timeout_s``) the watchdog aborts this rank's communicators but keeps
+    the process (``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``): the collective the main thread waits on,
+    or its next one, raises a ``DistBackendError`` ("NCCL communicator was aborted …"), so
+    Lightning's exception hooks run, the strategy writes its failure report and names the rank that
+    broke the job, and the CLI exits with code 1. The flight recorder keeps the last collectives
+    of every rank in a ring buffer; on a watchdog timeout each rank writes it to
+    ``<dump_dir>/nccl_trace_rank_<rank>`` (read it with ``torchfrtrace`` /
+    ``python -m torch.distributed.flight_recorder.fr_trace``). The monitoring thread still ends a
+    rank whose watchdog itself hangs (an abort that never returns).
     """
     return {
         "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
         "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(dump_dir, "nccl_trace_rank_"),
-        "TORCH_NCCL_ENABLE_MONITORING": "1",  # abort a rank whose watchdog itself hangs
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # tear the process down on a failed collective
+        "TORCH_NCCL_ENABLE_MONITORING": "1",  # end a rank whose watchdog itself hangs
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": NCCL_ABORT_COMMUNICATORS_ONLY,  # raise in the main thread, not exit
     }

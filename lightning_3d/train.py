@@ -1,9 +1,9 @@
 """Hydra entry point: ``python -m lightning_3d.train recipe=tiny parallel.tp=2 trainer.devices=4``.
 
 ``conf/config.yaml`` composes one option of each group (model, data, parallel, trainer,
-optim) and then a recipe from ``recipes/`` (``# @package _global_`` files that override
-any of them). The composed config is checked against the :class:`Config` dataclasses, so
-a misspelt key fails with its name.
+optim) and then one of the ``recipe`` group (``conf/recipe/*.yaml``: ``# @package _global_``
+files that override any of them). The composed config is checked against the :class:`Config`
+dataclasses, so a misspelt key fails with its name.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import traceback
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import hydra
 import lightning as L
@@ -55,7 +55,7 @@ CONFIG_GROUPS = ("model", "data", "parallel", "trainer", "optim", "recipe")
 
 
 def _find_dir(name: str) -> Path:
-    """``conf``/``recipes`` inside an installed wheel, else at the top of the checkout."""
+    """``conf`` inside an installed wheel (``lightning_3d/_conf``), else at the top of the checkout."""
     package = Path(__file__).resolve().parent
     for candidate in (package / f"_{name}", package.parent / name):
         if candidate.is_dir():
@@ -64,21 +64,13 @@ def _find_dir(name: str) -> Path:
 
 
 CONF_DIR = _find_dir("conf")
-RECIPES_DIR = _find_dir("recipes")
+RECIPES_DIR = CONF_DIR / "recipe"  # a config group like the others, selected as recipe=NAME
+RECIPE_HEADER = "# @package _global_"
 
 
 def register_configs() -> None:
-    """Store the schema and every recipe in Hydra's ConfigStore.
-
-    Recipes live in the top-level ``recipes/`` folder but are selected as the ``recipe``
-    group, so they are registered here rather than found through a search path.
-    """
-    store = ConfigStore.instance()
-    store.store(name="config_schema", node=Config)
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        if not path.read_text().startswith("# @package _global_"):
-            raise ConfigError(f"recipe {path} must start with '# @package _global_'")
-        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+    """Store the schema that ``conf/config.yaml`` starts from in Hydra's ConfigStore."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -124,13 +116,17 @@ def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
 
 
 def recipe_key_problems(args: list[str]) -> list[str]:
-    """Keys of the chosen recipe file that are not in :class:`Config`, with the valid keys there."""
+    """Keys of the chosen recipe file that are not in :class:`Config`, with the valid keys there
+    (or the file's missing ``# @package _global_`` line)."""
     chosen = [arg.split("=", 1)[1] for arg in args if arg.lstrip("+").startswith("recipe=")]
     defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
     name = chosen[-1] if chosen else next(entry["recipe"] for entry in defaults if isinstance(entry, dict) and "recipe" in entry)
     path = RECIPES_DIR / f"{name}.yaml"
     if not path.is_file():
         return []  # Hydra lists the available recipes
+    if not path.read_text().startswith(RECIPE_HEADER):
+        # without it Hydra would put the recipe's keys under `recipe.` instead of overriding the groups
+        return [f"recipe {path} must start with {RECIPE_HEADER!r}"]
     tree = OmegaConf.to_container(OmegaConf.load(path))
     keys = [key.rstrip(".") for key in _dotted_keys({k: v for k, v in tree.items() if k != "defaults"})]
     return [f"{path}: {problem}" for problem in override_key_problems([f"{key}=" for key in keys])]
@@ -271,25 +267,48 @@ def shutdown_distributed() -> None:
 register_configs()
 
 
-def exit_after_failure(trainer: L.Trainer, error: BaseException) -> None:
-    """End a rank whose training failed: one line saying why (last on screen), exit code 1.
+def _flush_loggers(trainer: L.Trainer) -> None:
+    """Write what the loggers still hold in memory (CSVLogger saves every 100 steps): ``os._exit`` skips it."""
+    for logger in trainer.loggers:
+        try:
+            logger.finalize("failed")
+        except Exception as error:  # a broken logger must not keep the rank from exiting
+            print(f"warning (rank {trainer.global_rank}): {type(logger).__name__} not flushed: {summary(error)}", file=sys.stderr)
 
-    Errors every rank raises alike (a non-finite stop, a data fault) are printed by rank 0
-    only; after a failed collective each rank prints which peer broke the job. Unexpected
-    errors keep their traceback. ``os._exit``: a process group with a lost peer can block
-    the interpreter's normal shutdown.
+
+def exit_after_failure(trainer: L.Trainer, error: BaseException) -> NoReturn:
+    """End a rank whose training failed: the loggers flushed, one line saying why (last on screen), exit code 1.
+
+    The project's own errors (:class:`ConfigError`, :class:`NonFiniteError`) are raised by every
+    rank alike and printed by rank 0 only, without a traceback; after a failed collective each
+    rank prints which peer broke the job. Any other error, a ``ValueError`` from torch or the
+    user's code included, keeps its traceback. ``os._exit``: a process group with a lost peer can
+    block the interpreter's normal shutdown.
     """
-    strategy = trainer.strategy
-    report = getattr(strategy, "failure_report", None)
-    expected = isinstance(error, (ValueError, NonFiniteError)) or report is not None
-    if not expected:
+    report = getattr(trainer.strategy, "failure_report", None)
+    own = isinstance(error, (ConfigError, NonFiniteError))
+    _flush_loggers(trainer)
+    if not own and report is None:
         traceback.print_exception(error)
-    alike = isinstance(error, (ValueError, NonFiniteError)) and report is None
+    alike = own and report is None
     if trainer.global_rank == 0 or not alike:
         line = f"error (rank {trainer.global_rank}): {error if alike else summary(error)}"
-        print(line + (f"\n  {report}" if report else ""), file=sys.stderr, flush=True)
+        print(line + (f"\n  {report}" if report else ""), file=sys.stderr)
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(1)
+
+
+def exit_after_config_error(error: BaseException) -> NoReturn:
+    """End a run whose config could not be built: exit code 2, the message last on screen.
+
+    The project's own checks and OmegaConf's say everything in one line; any other error keeps
+    its traceback above that line.
+    """
+    if not isinstance(error, (ConfigError, OmegaConfBaseException)):
+        traceback.print_exception(error)
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -298,9 +317,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         config = to_config(cfg)
         trainer, model, datamodule = build(config)
     except (ValueError, OmegaConfBaseException) as error:
-        # a configuration problem: the message is the last thing on screen, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_after_config_error(error)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(config))
     except Exception as error:

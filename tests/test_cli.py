@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +102,20 @@ def test_console_script_composes(tmp_path):
     result = subprocess.run(["lightning-3d-train", "--cfg", "job", "recipe=debug"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "n_layers: 4" in result.stdout and "seq_len: 32" in result.stdout
+
+
+def test_wheel_carries_every_config_file(tmp_path):
+    # built from a copy, so the checkout gets no build/ folder
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(root / "lightning_3d", source / "lightning_3d", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "conf", source / "conf")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = set(zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))).namelist())
+    configs = {f"lightning_3d/_conf/{path.relative_to(root / 'conf').as_posix()}" for path in (root / "conf").rglob("*.yaml")}
+    assert "lightning_3d/_conf/recipe/debug.yaml" in configs
+    assert configs <= names, sorted(configs - names)

@@ -1,6 +1,6 @@
 """Tests of the Hydra configs: every group option and recipe composes, converts and validates.
 
-The parametrizations read ``conf/`` and ``recipes/`` from disk, so a new file is covered
+The parametrizations read ``conf/`` (recipes in its ``recipe`` group) from disk, so a new file is covered
 without touching this module. ``run_dir`` is overridden because ``${hydra:run.dir}`` only
 resolves inside a real Hydra run, not in ``compose``.
 """
@@ -13,15 +13,18 @@ from pathlib import Path
 
 import hydra
 import pytest
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_3d import train
 from lightning_3d.config import Config, ParallelConfig
 from lightning_3d.train import CONF_DIR, RECIPES_DIR, to_config, world_size_of
 from lightning_3d.validation import Hardware, check_layout, perf_problems
 
-GROUP_FILES = sorted(CONF_DIR.glob("*/*.yaml"))
+GROUP_FILES = sorted(path for path in CONF_DIR.glob("*/*.yaml") if path.parent != RECIPES_DIR)
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
 GROUPS = sorted({path.parent.name for path in GROUP_FILES})
 
@@ -40,6 +43,21 @@ def test_the_config_folders_are_found() -> None:
     assert {"model", "data", "parallel", "trainer", "optim"} <= set(GROUPS)
     assert "tiny" in {path.stem for path in RECIPE_FILES}
     assert "debug" in {path.stem for path in RECIPE_FILES}
+
+
+def test_recipes_are_a_native_group_of_the_config_dir() -> None:
+    # Hydra finds them on disk like any group: nothing registers them by hand
+    assert RECIPES_DIR == CONF_DIR / "recipe"
+    assert ConfigStore.instance().repo.get("recipe") is None
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        options = GlobalHydra.instance().config_loader().get_group_options("recipe")
+    assert options == sorted(path.stem for path in RECIPE_FILES)
+
+
+def test_a_recipe_without_the_global_header_fails_before_hydra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "local.yaml").write_text("data:\n  seq_len: 32\n")
+    monkeypatch.setattr(train, "RECIPES_DIR", tmp_path)
+    assert train.recipe_key_problems(["recipe=local"]) == [f"recipe {tmp_path / 'local.yaml'} must start with '# @package _global_'"]
 
 
 # ----------------------------------------------------------------------------- group options

@@ -36,10 +36,10 @@ def test_formula_equals_flop_counter_on_the_reference_model(shape: dict, seq_len
 
 
 def test_peak_flops_table_and_override() -> None:
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert peak_flops("cpu") is None
-    assert peak_flops("cpu", override=1e12) == 1e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16-mixed") == 756e12
+    assert peak_flops("cpu", "bf16-mixed") is None
+    assert peak_flops("cpu", "32-true", override=1e12) == 1e12
 
 
 def test_mfu() -> None:

@@ -74,6 +74,13 @@ def test_nccl_settings_leave_a_flight_recorder_dump_in_the_run_dir() -> None:
     assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == "/runs/a/nccl_traces/nccl_trace_rank_"
 
 
+def test_nccl_timeout_raises_in_the_main_thread_rather_than_ending_the_process() -> None:
+    # 2 (CleanUpOnly): the watchdog aborts the communicators and keeps the process, so the waiting
+    # collective raises and the strategy's on_exception names the broken rank; 1 and 3 end the
+    # process from the watchdog thread, skipping it
+    assert nccl_debug_env("/runs/a/nccl_traces")["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+
+
 def _params_with_grads(*grads: float) -> list[torch.nn.Parameter]:
     params = []
     for value in grads:

@@ -9,8 +9,9 @@ counted here as its per-device share (sequences × dp / world), which makes the
 Logged keys (with ``trainer.log_every_n_steps``; rates over the steps since the last log):
 ``train/items_per_sec`` (tokens/s, whole job; only with > 1 process),
 ``train/device/items_per_sec`` (tokens/s per device), ``train/device/flops_per_sec``,
-``train/device/mfu`` (when the device's peak is known: the GPU table in
-:mod:`lightning_3d.flops` or ``perf.peak_flops``), ``memory/peak_gib_max`` and
+``train/device/mfu`` (when the device's peak is known: ``perf.peak_flops``, else the GPU table in
+:mod:`lightning_3d.flops` for the trainer's precision, else Lightning's ``get_available_flops``),
+``memory/peak_gib_max`` and
 ``memory/peak_gib_min`` over ranks, ``grad_norm`` (before clipping).
 """
 
@@ -32,6 +33,10 @@ from lightning_3d.flops import peak_flops
 _GIB = 2**30
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """This process's peak: allocated device memory on CUDA, resident set size (RSS) on CPU."""
     if device.type == "cuda":
@@ -46,7 +51,8 @@ class PerformanceMonitor(ThroughputMonitor):
     Args:
         flops_per_token: training FLOPs of one token (``lightning_3d.flops.flops_per_token``);
             None: use the LightningModule's ``flops_per_batch``, if it has one.
-        peak_flops: one device's peak FLOP/s for MFU; None: the known-GPU table (no MFU on CPU).
+        peak_flops: one device's peak FLOP/s for MFU; None: the known-GPU table at the trainer's
+            precision (bf16 → bf16 peak, 32-true → fp32 or tf32 peak), else Lightning's table (no MFU on CPU).
         tokens_key: the batch entry holding the ``(sequences, seq_len)`` token ids.
     """
 
@@ -72,9 +78,11 @@ class PerformanceMonitor(ThroughputMonitor):
         meshes = getattr(trainer.strategy, "meshes", None)
         data_parallel = meshes["dp"].size() if meshes else trainer.world_size  # other strategies: pure DP
         self._device_share = data_parallel / trainer.world_size
-        device = trainer.strategy.root_device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-        self.available_flops = peak_flops(name, self.peak_override)
+        # fp32 matmuls run on tensor cores (tf32) unless the float32 matmul precision is "highest"
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+        peak = peak_flops(_device_name(trainer.strategy.root_device), str(trainer.precision), self.peak_override, tf32)
+        if peak is not None:  # else keep Lightning's own figure for this device and precision
+            self.available_flops = peak
         for throughput in self._throughputs.values():
             throughput.available_flops = self.available_flops
 

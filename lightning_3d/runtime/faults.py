@@ -24,6 +24,8 @@ from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning_3d.compat import _init_dist_connection, set_group_timeout
 from lightning_3d.config import ParallelConfig
 from lightning_3d.health import Heartbeat, is_communication_failure, nccl_debug_env
+
+NCCL_ERROR_MODE = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 from lightning_3d.nonfinite import NonFiniteError
 
 
@@ -58,6 +60,10 @@ class FaultMonitor:
             # a hung collective then leaves a flight-recorder dump per rank (explicit settings win)
             for name, value in nccl_debug_env(dump_dir).items():
                 os.environ.setdefault(name, value)
+            if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get(NCCL_ERROR_MODE) == "1":
+                # torchrun's agent writes its own default (1: abort and end the process) when unset;
+                # a user's own 1 cannot be told from it, so under torchrun 1 becomes 2 as well
+                os.environ[NCCL_ERROR_MODE] = nccl_debug_env(dump_dir)[NCCL_ERROR_MODE]
         _init_dist_connection(
             environment,
             backend,
