@@ -187,7 +187,7 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
-    """The whole experiment, as composed by Hydra from ``conf/`` and ``recipes/``."""
+    """The whole experiment, as composed by Hydra from ``conf/`` (recipes in its ``recipe`` group)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
