@@ -13,21 +13,23 @@ import sys
 import time
 from pathlib import Path
 
-from lightning_3d.strategy import ModelParallel4DStrategy
+import torch.distributed as dist
+
+from lightning_3d.runtime import FaultMonitor
 from lightning_3d.train import cli
 
 RANK, STEP, ACTION, STAMP_FILE = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-_after_step = ModelParallel4DStrategy._after_step
+_step_done = FaultMonitor.step_done
 
 
-def after_step_then_fail(self: ModelParallel4DStrategy, steps_done: int) -> None:
-    _after_step(self, steps_done)
-    if self.global_rank == RANK and steps_done == STEP:
+def step_done_then_fail(self: FaultMonitor, steps_done: int, step_groups: list) -> None:
+    _step_done(self, steps_done, step_groups)
+    if dist.get_rank() == RANK and steps_done == STEP:
         STAMP_FILE.write_text(repr(time.time()))
         os.kill(os.getpid(), signal.SIGKILL if ACTION == "kill" else signal.SIGSTOP)
 
 
-ModelParallel4DStrategy._after_step = after_step_then_fail
+FaultMonitor.step_done = step_done_then_fail
 
 if __name__ == "__main__":
     cli(sys.argv[5:])

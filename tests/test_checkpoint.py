@@ -308,19 +308,19 @@ def test_metadata_unpickler_refuses_foreign_objects(tmp_path):
 def test_old_checkpoint_is_removed_only_after_the_pending_save_completes(tmp_path):
     from concurrent.futures import Future
 
-    from lightning_3d.strategy import ModelParallel4DStrategy
+    from lightning_3d.runtime import Checkpointer
 
-    strategy = ModelParallel4DStrategy()
+    checkpointer = Checkpointer("model", pipelined=False, layout={}, rank=0, world_size=1)
     old = tmp_path / "step-2"
     old.mkdir()
-    strategy._pending_save = Future()  # a background save of a newer step, still running
-    strategy.remove_checkpoint(old)
+    checkpointer._pending_save = Future()  # a background save of a newer step, still running
+    checkpointer.remove(old)
     assert old.exists()
-    strategy._pending_save.set_result(None)
-    strategy._finish_pending_save()
+    checkpointer._pending_save.set_result(None)
+    checkpointer.finish_pending()
     assert not old.exists()
     (tmp_path / "step-4").mkdir()
-    strategy.remove_checkpoint(tmp_path / "step-4")  # nothing pending: removed at once
+    checkpointer.remove(tmp_path / "step-4")  # nothing pending: removed at once
     assert not (tmp_path / "step-4").exists()
 
 
