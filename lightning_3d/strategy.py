@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -45,9 +45,11 @@ from lightning_3d.runtime import (
     Checkpointer,
     Collectives,
     FaultMonitor,
+    Parallelized,
     PipelineRunner,
     StepGuard,
     layout_of,
+    parallelized,
 )
 from lightning_3d.validation import check_strategy, module_problems, raise_problems
 
@@ -56,19 +58,6 @@ if TYPE_CHECKING:
 
 _PARALLEL_FIELDS = tuple(f.name for f in fields(ParallelConfig))
 _PERF_FIELDS = tuple(f.name for f in fields(PerfConfig))
-_PARALLELIZED = "_lightning_3d_parallelized"  # attribute of a module this strategy has parallelized
-
-
-@dataclass
-class Parallelized:
-    """What a parallelized module keeps, so that validate/test/predict or a new Trainer reuse it."""
-
-    dims: ParallelDims
-    mesh: "DeviceMesh"
-    meshes: dict[str, "DeviceMesh"]
-    root: str
-    stages: list[tuple[int, nn.Module]]
-    pipeline: Optional[PipelineRunner] = None
 
 
 class ModelParallel4DStrategy(ParallelStrategy):
@@ -218,20 +207,14 @@ class ModelParallel4DStrategy(ParallelStrategy):
             TrainerConfig(self.root_device.type, self.num_processes, self.num_nodes, str(self.precision_plugin.precision)),
             trainer.accumulate_grad_batches if trainer is not None else 1,
         )
-        self._state = getattr(module, _PARALLELIZED, None)
-        if self._state is not None and self._state.dims != self._dims:
-            raise ConfigError(
-                f"{type(module).__name__} was already parallelized as {self._state.dims}; this strategy asks for "
-                f"{self._dims}. A parallelized module keeps its layout: build a new module for another layout "
-                "(and load a checkpoint into it to continue)"
-            )
+        self._state = parallelized(module, self._dims)
         reset_seed()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         dump_dir = str(Path(trainer.default_root_dir if trainer is not None else ".") / "nccl_traces")
         self._faults.connect(self.cluster_environment, backend, self.root_device, self.global_rank, self.world_size, dump_dir, self.async_save)
         if self._state is None:
             mesh, meshes = self._dims.build_mesh(self.root_device.type)
-            self._state = Parallelized(self._dims, mesh, meshes, root="", stages=[])
+            self._state = Parallelized(self._dims, mesh, meshes)
         self._collectives = Collectives(self._state.meshes, self._faults.io_group, self.root_device)
         if module is not None:
             module._device_mesh = self._state.mesh
@@ -250,7 +233,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         state = self._parallelized()
-        if not hasattr(module, _PARALLELIZED):  # validate/test/predict after fit reuse the parallelized module
+        if not state.stages:  # validate/test/predict after fit, or a new Trainer, reuse the parallelized module
             self._parallelize(module, state)
         self._checkpointer = Checkpointer(
             state.root, self.dims.pp > 1, layout_of(self.dims, self.parallel), self.global_rank, self.world_size,
@@ -282,7 +265,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         )
         if self.dims.pp > 1:
             state.pipeline = PipelineRunner(state.stages, self.parallel, state.meshes, self.root_device)
-        setattr(module, _PARALLELIZED, state)
+        state.attach(module)
 
     @override
     def model_to_device(self) -> None:

@@ -25,7 +25,9 @@ def test_readme_python_example_trains_and_resumes(tmp_path: Path) -> None:
         code = code.replace(old, new)
     script = tmp_path / "example.py"
     script.write_text(code + '\nprint(f"rank {trainer.global_rank} done at step {trainer.global_step}")\n')
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a fresh shell's environment: an earlier in-process run of this pytest may have set a port that is still taken
+    launch_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE")
+    env = {key: value for key, value in os.environ.items() if key not in launch_vars} | {"OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "rank 0 done at step 4" in run.stdout

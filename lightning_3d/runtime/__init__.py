@@ -4,13 +4,15 @@
 - :mod:`.step_guard`: ``StepGuard`` — partial-gradient reduce, agreed non-finite check, clipping.
 - :mod:`.checkpointer`: ``Checkpointer`` — DCP save / load / async / remove, RNG, layout.
 - :mod:`.faults`: ``FaultMonitor`` — process-group bootstrap, heartbeat, timeouts, NCCL settings.
+- :mod:`.parallelized`: ``Parallelized`` — what a parallelized module keeps for later runs.
 - :mod:`.sync`: ``Collectives`` — barrier, broadcast, and what a logged value or metric is reduced over.
 """
 
 from lightning_3d.runtime.checkpointer import Checkpointer, layout_of
 from lightning_3d.runtime.faults import FaultMonitor
+from lightning_3d.runtime.parallelized import Parallelized, parallelized
 from lightning_3d.runtime.pipeline import PipelineRunner
 from lightning_3d.runtime.step_guard import StepGuard
 from lightning_3d.runtime.sync import Collectives
 
-__all__ = ["Checkpointer", "Collectives", "FaultMonitor", "PipelineRunner", "StepGuard", "layout_of"]
+__all__ = ["Checkpointer", "Collectives", "FaultMonitor", "PipelineRunner", "Parallelized", "StepGuard", "layout_of", "parallelized"]
