@@ -326,8 +326,24 @@ class ModelParallel4DStrategy(ParallelStrategy):
             result = None
         else:
             result = super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
-        self._faults.step_done(step + 1, [mesh.get_group() for mesh in self.meshes.values() if mesh.ndim == 1])
+        self._faults.step_done(step + 1, self._step_groups())
         return result
+
+    def _step_groups(self) -> list[Any]:
+        return [mesh.get_group() for mesh in self.meshes.values() if mesh.ndim == 1]
+
+    # validation, test and predict wait with the startup timeout: only training steps get the short one
+    @override
+    def on_validation_start(self) -> None:
+        self._faults.pause(self._step_groups())
+
+    @override
+    def on_test_start(self) -> None:
+        self._faults.pause(self._step_groups())
+
+    @override
+    def on_predict_start(self) -> None:
+        self._faults.pause(self._step_groups())
 
     @override
     def on_exception(self, exception: BaseException) -> None:

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,10 +63,12 @@ class ToyLM(nn.Module):
 class ToyLit(L.LightningModule):
     """Logs what the tests look at: a constant, a per-stage value, a torchmetrics sum, an all_gather."""
 
-    def __init__(self, n_blocks: int = 4, hidden: int = 32, tied: bool = False, slow_save_s: float = 0.0) -> None:
+    def __init__(
+        self, n_blocks: int = 4, hidden: int = 32, tied: bool = False, slow_save_s: float = 0.0, slow_val_s: float = 0.0
+    ) -> None:
         super().__init__()
         self.sizes = {"n_blocks": n_blocks, "hidden": hidden, "tied": tied}
-        self.slow_save_s = slow_save_s
+        self.slow_save_s, self.slow_val_s = slow_save_s, slow_val_s
         self.model: Optional[ToyLM] = None
         self.count = SumMetric()
         self.gathered: list[list[int]] = []
@@ -122,6 +125,11 @@ class ToyLit(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self.model(batch["input_ids"]).argmax(-1)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.global_rank == 0:
+            time.sleep(self.slow_val_s)  # a slow metric or callback on one rank at the end of validation
+        self.log("val_ones", 1.0, reduce_fx="sum", sync_dist=True)  # the others wait here for rank 0
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.global_rank == 0:
@@ -190,6 +198,14 @@ def case_slow_save(layout: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     return {"saved_after_s": time.perf_counter() - started, "complete": (out_dir / "slow.ckpt" / ".metadata").exists()}
 
 
+def case_slow_validation(layout: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """A validation after the first step in which rank 0 is busy 3 s, with parallel.timeout_s=1."""
+    module = ToyLit(slow_val_s=3.0)
+    trainer = trainer_for({**layout, "timeout_s": 1.0, "init_timeout_s": 60.0}, out_dir, steps=3, val_check_interval=2)
+    trainer.fit(module, loader(), loader(batches=2))
+    return {"steps": trainer.global_step, "val_ones": float(trainer.logged_metrics["val_ones"])}
+
+
 def case_bad_module(layout: dict[str, Any], out_dir: Path, module_kwargs: dict[str, Any]) -> dict[str, Any]:
     try:
         trainer_for(layout, out_dir, steps=1).fit(ToyLit(**module_kwargs), loader())
@@ -201,19 +217,23 @@ def case_bad_module(layout: dict[str, Any], out_dir: Path, module_kwargs: dict[s
 def main() -> None:
     out_dir = Path(sys.argv[1])
     cases = json.loads(sys.argv[2])
+    barrier_group = None
     for name, case in cases.items():
         kind, layout = case["kind"], case["layout"]
         try:
             if kind == "bad_module":
                 result = case_bad_module(layout, out_dir / name, case["module"])
             else:
-                result = {"logging": case_logging, "after_fit": case_after_fit, "slow_save": case_slow_save}[kind](layout, out_dir / name)
+                result = {"logging": case_logging, "after_fit": case_after_fit, "slow_save": case_slow_save, "slow_validation": case_slow_validation}[kind](layout, out_dir / name)
         except Exception as error:  # recorded, so the test shows what failed
             result = {"failed": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+            print(f"rank {os.environ['RANK']} case {name} failed:\n{result['traceback']}", file=sys.stderr, flush=True)
         if os.environ["RANK"] == "0":
             torch.save(result, out_dir / f"{name}.pt")
         if dist.is_initialized():
-            dist.barrier()
+            # a group of the harness's own: the strategy shortens the default group's timeout
+            barrier_group = barrier_group or dist.new_group(timeout=timedelta(seconds=300))
+            dist.barrier(group=barrier_group)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -28,6 +28,8 @@ CASES = {
     "after_fit_dp_shard2_pp2": {"kind": "after_fit", "layout": {"dp_shard": 2, "pp": 2, "pp_schedule": "1f1b", "microbatches": 2}},
     # a save that keeps rank 0 busy 3 s, with parallel.timeout_s=1 after the first step
     "slow_save_dp_shard4": {"kind": "slow_save", "layout": {"dp_shard": 4}},
+    # a validation in which rank 0 is busy 3 s, with parallel.timeout_s=1 after the first step
+    "slow_validation_dp_shard2_tp2": {"kind": "slow_validation", "layout": {"dp_shard": 2, "tp": 2}},
     # layout checks run from the module itself (it has no model_config)
     "bad_tp_shape": {"kind": "bad_module", "layout": {"dp_shard": 1, "tp": 4}, "module": {"hidden": 30}},
     "bad_pp_blocks": {"kind": "bad_module", "layout": {"dp_shard": 1, "pp": 4, "pp_schedule": "1f1b", "microbatches": 4}, "module": {"n_blocks": 3}},
@@ -90,6 +92,11 @@ def test_predict_after_fit(results):
 def test_checkpoint_io_keeps_the_startup_timeout(results):
     result = _ok(results["slow_save_dp_shard4"])
     assert result["complete"] and result["saved_after_s"] >= 3.0
+
+
+def test_validation_keeps_the_startup_timeout(results):
+    result = _ok(results["slow_validation_dp_shard2_tp2"])
+    assert result["steps"] == 3 and result["val_ones"] == 2.0
 
 
 @pytest.mark.parametrize(

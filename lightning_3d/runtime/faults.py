@@ -64,6 +64,8 @@ class FaultMonitor:
                 # torchrun's agent writes its own default (1: abort and end the process) when unset;
                 # a user's own 1 cannot be told from it, so under torchrun 1 becomes 2 as well
                 os.environ[NCCL_ERROR_MODE] = nccl_debug_env(dump_dir)[NCCL_ERROR_MODE]
+        if dist.is_initialized():  # an earlier run in this process may have left the step timeout on it
+            set_group_timeout(dist.group.WORLD, self.init_timeout)
         _init_dist_connection(
             environment,
             backend,
@@ -98,10 +100,21 @@ class FaultMonitor:
         if self._heartbeat is not None:
             self._heartbeat.step = steps_done
         if not self._steady and dist.is_initialized():
-            for group in {*step_groups, dist.group.WORLD}:
-                if group is not self.io_group:
-                    set_group_timeout(group, self.step_timeout)
             self._steady = True
+            self._set_timeout(step_groups, self.step_timeout)
+
+    def pause(self, step_groups: list[dist.ProcessGroup]) -> None:
+        """Validation, test or predict begins: its waits (a slow metric, a callback on one rank)
+        are not a training step's, so the step groups get the startup timeout back until the
+        next training step is done (a rank still busy at the end of validation delays it)."""
+        if self._steady:
+            self._set_timeout(step_groups, self.init_timeout)
+            self._steady = False
+
+    def _set_timeout(self, step_groups: list[dist.ProcessGroup], timeout: timedelta) -> None:
+        for group in {*step_groups, dist.group.WORLD}:
+            if group is not self.io_group:
+                set_group_timeout(group, timeout)
 
     def on_exception(self, rank: int, exception: BaseException) -> None:
         """Tell the other ranks this one failed and, after a failed collective, name the rank that broke the job."""
