@@ -122,18 +122,23 @@ class PerfConfig:
 class DataConfig:
     """Where tokens come from and how they are batched."""
 
-    source: str = "stdlib"  # stdlib | files
-    paths: list[str] = field(default_factory=list)  # text (.txt/.md/.py/...), .jsonl, or .bin memmap files
+    source: str = "stdlib"  # stdlib | files | hf
+    # files, folders or globs. files: text (.txt/.md/.py/...), .jsonl, or .bin token files;
+    # hf: .jsonl/.json/.parquet/.arrow read through Hugging Face `datasets`
+    paths: list[str] = field(default_factory=list)
     val_paths: list[str] = field(default_factory=list)  # optional; else a split of `paths`
-    text_key: str = "text"  # field of each .jsonl record
-    token_dtype: str = "uint16"  # dtype of .bin memmap files: uint16 | uint32
+    text_key: str = "text"  # field of each .jsonl record / column of a parquet or arrow file
+    token_dtype: str = "uint16"  # dtype of .bin files without a sidecar: uint16 | uint32
+    tokenizer: str = "byte"  # byte | a tokenizer.json or a folder holding one (Hugging Face `tokenizers`)
+    eos_token: Optional[str] = None  # ends each document; None: the tokenizer folder's eos_token (byte: id 256)
+    cache_dir: Optional[str] = None  # hf: where the tokenized cache goes (None: ~/.cache/lightning_3d/tokens)
     seq_len: int = 128
     global_batch_size: int = 8  # sequences per optimizer step across all data-parallel ranks
     val_fraction: float = 0.02
     val_batches: int = 4  # global validation batches per validation run
     shuffle: bool = True
     max_bytes: Optional[int] = None  # cap on corpus size read from text sources (None: all)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes (memory is pinned on CUDA)
 
 
 @dataclass

@@ -168,7 +168,7 @@ def preflight(config: Config, hardware: Optional[Hardware] = None) -> ParallelDi
     problems += perf_problems(config.perf, dims, config.trainer.accelerator, hardware)
     problems += policy_problems(config.training.on_nonfinite, config.training.max_skipped)
     problems += _problem_of(lambda: checkpoint_callback(config))
-    problems += data_file_problems(config.data)
+    problems += data_file_problems(config.data, config.model.vocab_size)
     if not model_problems:
         problems += _problem_of(lambda: check_resume(config))
         if config.model.init_from:

@@ -23,10 +23,12 @@ from lightning_3d.data import (
     ByteTokenizer,
     GlobalOrderSampler,
     TextDataModule,
+    TokenStream,
     TokenWindowDataset,
     load_token_splits,
 )
 from lightning_3d.data.sources import data_file_problems, stdlib_documents
+from lightning_3d.data.token_files import DTYPE_SCAN_ELEMENTS
 
 EOS = ByteTokenizer.eos_id
 NOBODY = 65534  # uid and gid of user nobody
@@ -161,7 +163,9 @@ def test_bin_memmap_tail_split(tmp_path: Path, dtype: str) -> None:
     ids.tofile(path)
     config = DataConfig(source="files", paths=[str(path)], token_dtype=dtype, val_fraction=0.1, seq_len=32)
     train, val = load_token_splits(config, vocab_size=1000)
-    assert isinstance(train, np.memmap) and train.dtype == np.dtype(dtype)
+    # read from the file through the index, not copied into memory
+    assert isinstance(train, TokenStream) and train.dtype == np.dtype(dtype)
+    assert [(segment.origin, segment.start, segment.stop) for segment in train.segments] == [(str(path), 0, 4500)]
     assert np.array_equal(np.concatenate([train, val]), ids)
     assert len(val) == 500
 
@@ -416,7 +420,7 @@ def test_uint32_heuristic_scans_a_bounded_prefix_only(tmp_path: Path) -> None:
     ids[-1] = 1 << 20  # a non-zero high half past the scanned prefix
     path = tmp_path / "long.bin"
     ids.tofile(path)
-    with pytest.raises(ValueError, match=r"long.bin looks like uint32 .* of its first 1048576 are 0"):
+    with pytest.raises(ValueError, match=rf"long.bin looks like uint32 .* of its first {DTYPE_SCAN_ELEMENTS} are 0"):
         load_token_splits(files_config(path), 512)
 
 
@@ -447,11 +451,13 @@ def test_error_token_ids_out_of_vocab_suggest_dtype(tmp_path: Path) -> None:
     path = tmp_path / "narrow.bin"
     ids = (np.arange(1000) % 500).astype(np.uint16)
     ids.tofile(path)
-    largest = int(ids.view(np.uint32).max())  # what reading pairs of uint16 ids as one uint32 gives
-    assert largest > 65535
+    as_uint32 = ids.view(np.uint32)  # what reading pairs of uint16 ids as one uint32 gives
+    offset = int(np.flatnonzero(as_uint32 >= 512)[0])
+    assert as_uint32[offset] > 65535
     config = files_config(path, token_dtype="uint32")
     assert load_error(config) == (
-        f"ConfigError: {path} holds token id {largest} (its max), not below vocab_size=512; ids this large are "
+        f"ConfigError: {path} holds token id {as_uint32[offset]} at token offset {offset} (byte {4 * offset}), "
+        "not below vocab_size=512; ids this large are "
         "what a file written as uint16 gives when read as uint32: is data.token_dtype=uint32 the dtype it was "
         "written with?"
     )

@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning
-import numpy as np
-from torch.utils.data import DataLoader
+import torch
 from typing_extensions import override
 
 from lightning_3d.config import DataConfig
+from lightning_3d.data import hf
 from lightning_3d.data.dataset import TokenWindowDataset
+from lightning_3d.data.loader import TokenLoader
 from lightning_3d.data.sampler import GlobalOrderSampler
-from lightning_3d.data.sources import load_token_splits
+from lightning_3d.data.sources import check_config, check_tokenizer_vocab, load_token_splits
+from lightning_3d.data.token_stream import TokenStream
+from lightning_3d.data.tokenizer import load_tokenizer
 from lightning_3d.errors import ConfigError
 from lightning_3d.validation import global_batch_problem
 
@@ -30,7 +33,11 @@ class TextDataModule(lightning.LightningDataModule):
     data-parallel group get the same batch.
 
     Its checkpoint state is the data position in global samples (layout-independent): a
-    resume on any number of data-parallel ranks continues at the same sample.
+    resume on any number of data-parallel ranks continues at the same sample, with or
+    without loader workers (``data.num_workers``; memory is pinned on CUDA).
+
+    With ``data.source=hf`` the token cache is built in :meth:`prepare_data`, which Lightning
+    runs on one process per node while the others wait.
     """
 
     def __init__(self, config: DataConfig, vocab_size: int, seed: int = 0) -> None:
@@ -38,7 +45,7 @@ class TextDataModule(lightning.LightningDataModule):
         self.config = config
         self.vocab_size = vocab_size
         self.seed = seed
-        self._splits: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._splits: Optional[tuple[TokenStream, TokenStream]] = None
         self.train_dataset: Optional[TokenWindowDataset] = None
         self.val_dataset: Optional[TokenWindowDataset] = None
         self._resume_position: Optional[dict[str, int]] = None
@@ -82,15 +89,28 @@ class TextDataModule(lightning.LightningDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
 
+    @override
+    def prepare_data(self) -> None:
+        """Tokenize the ``data.source=hf`` files into their cache, unless it is there already."""
+        if self.config.source != "hf":
+            return
+        check_config(self.config)
+        tokenizer = load_tokenizer(self.config.tokenizer, self.config.eos_token)
+        check_tokenizer_vocab(tokenizer, self.vocab_size)
+        for paths in (self.config.paths, self.config.val_paths):
+            if paths:
+                hf.build_cache(paths, self.config, tokenizer)
+
     def setup(self, stage: Optional[str] = None) -> None:
         self._check_batch_layout()
         if self._splits is None:
             self._splits = load_token_splits(self.config, self.vocab_size)
         train_tokens, val_tokens = self._splits
-        self.train_dataset = TokenWindowDataset(train_tokens, self.config.seq_len, name="train")
-        self.val_dataset = TokenWindowDataset(val_tokens, self.config.seq_len, name="validation")
+        seq_len, vocab = self.config.seq_len, self.vocab_size
+        self.train_dataset = TokenWindowDataset(train_tokens, seq_len, name="train", vocab_size=vocab)
+        self.val_dataset = TokenWindowDataset(val_tokens, seq_len, name="validation", vocab_size=vocab)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TokenLoader:
         train_dataset, _ = self._datasets()
         loader = self._loader(train_dataset, self.micro_batch_size, shuffle=self.config.shuffle, max_batches=None)
         if self._resume_position is not None:
@@ -127,7 +147,7 @@ class TextDataModule(lightning.LightningDataModule):
             )
         self._resume_position = {"epoch": int(state_dict["epoch"]), "samples_in_epoch": int(state_dict["samples_in_epoch"])}
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> TokenLoader:
         _, val_dataset = self._datasets()
         micro_batch, global_batch = self.micro_batch_size, self.config.global_batch_size
         if self.config.val_batches <= 0:
@@ -153,7 +173,7 @@ class TextDataModule(lightning.LightningDataModule):
             self.setup()
         return self.train_dataset, self.val_dataset  # type: ignore[return-value]
 
-    def _loader(self, dataset: TokenWindowDataset, global_batch: int, shuffle: bool, max_batches: Optional[int]) -> DataLoader:
+    def _loader(self, dataset: TokenWindowDataset, global_batch: int, shuffle: bool, max_batches: Optional[int]) -> TokenLoader:
         sampler = GlobalOrderSampler(
             dataset_len=len(dataset),
             global_batch=global_batch,
@@ -166,11 +186,17 @@ class TextDataModule(lightning.LightningDataModule):
             seq_len=self.config.seq_len,
         )
         workers = self.config.num_workers
-        return DataLoader(
+        return TokenLoader(
             dataset,
             batch_size=global_batch // self.dp_size,
             sampler=sampler,
             drop_last=True,
             num_workers=workers,
             persistent_workers=workers > 0,
+            pin_memory=self._on_cuda(),
         )
+
+    def _on_cuda(self) -> bool:
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        device = getattr(strategy, "root_device", None)
+        return isinstance(device, torch.device) and device.type == "cuda"

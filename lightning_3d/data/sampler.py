@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_3d.data.permutation import Permutation
 from lightning_3d.errors import ConfigError
 
 
 class GlobalOrderSampler(DistributedSampler):
     """Indices of this rank's share of global batches ``start_batch, start_batch+1, ...``.
 
-    The global order is a permutation of ``range(dataset_len)`` drawn from a generator
-    seeded with ``seed + epoch`` (identity when ``shuffle`` is False). Global batch ``g`` is
+    The global order is a random permutation of ``range(dataset_len)`` fixed by ``(seed, epoch)``
+    (identity when ``shuffle`` is False), computed batch by batch (:class:`Permutation`), so
+    neither memory nor time per batch grows with the corpus. Global batch ``g`` is
     ``order[g*global_batch : (g+1)*global_batch]`` and rank ``r`` of ``R`` gets its contiguous
     slice ``[r*global_batch/R, (r+1)*global_batch/R)``. A DataLoader with
     ``batch_size=global_batch // num_replicas`` and ``drop_last=True`` therefore yields exactly
@@ -109,20 +112,21 @@ class GlobalOrderSampler(DistributedSampler):
     def total_size(self, _value: int) -> None:
         pass
 
-    def global_order(self) -> torch.Tensor:
-        """The epoch's permutation of all sample indices, identical on every rank."""
+    def order_at(self, positions: np.ndarray) -> np.ndarray:
+        """The sample indices at ``positions`` of the epoch's global order, identical on every rank."""
         if not self.shuffle:
-            return torch.arange(self.dataset_len)
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.dataset_len, generator=generator)
+            return np.asarray(positions, dtype=np.int64)
+        return Permutation(self.dataset_len, (self.seed, self.epoch))(positions)
+
+    def global_order(self) -> torch.Tensor:
+        """The epoch's whole order (built in full: to inspect it, not to train)."""
+        return torch.from_numpy(self.order_at(np.arange(self.dataset_len)))
 
     def __iter__(self) -> Iterator[int]:
-        order = self.global_order()
         first = self.rank * self.per_rank_batch
         for batch in range(self.start_batch, self.num_global_batches):
             start = batch * self.global_batch + first
-            yield from order[start : start + self.per_rank_batch].tolist()
+            yield from self.order_at(np.arange(start, start + self.per_rank_batch)).tolist()
 
     def __len__(self) -> int:
         return self.num_global_batches * self.per_rank_batch
