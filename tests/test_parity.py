@@ -220,7 +220,7 @@ def weight_problems(weights: dict[str, torch.Tensor], expected: dict[str, torch.
     lr · m̂/(√v̂ + eps) changes as little as the gradient does, relatively, and the two-
     and four-rank layouts end within 4e-6 of 1 process. Hence WEIGHT_ATOL for every element
     but a few. Where a gradient is near or below eps at some step, the update is ≈ lr · g/eps:
-    a gradient difference δg becomes a weight difference lr · δg/eps. Issue 13, on AMD EPYC:
+    a gradient difference δg becomes a weight difference lr · δg/eps. Measured on an AMD EPYC CPU:
     element (18, 27) of layers.2.attention.wv.weight had a step-0 gradient of 1.2e-9 (the
     tensor's median is 1.7e-3) and dp_shard2_tp2_tied ended 2.2e-5 from 1 process there
     (test_a_gradient_below_eps_amplifies_noise_past_weight_atol). Such an element can end
@@ -387,7 +387,7 @@ def test_adamw_drift_ceiling_is_as_far_as_adamw_can_carry_two_runs():
 
 
 def test_a_gradient_below_eps_amplifies_noise_past_weight_atol():
-    # element (18, 27) of layers.2.attention.wv.weight in the 1-process tied run (issue 13):
+    # element (18, 27) of layers.2.attention.wv.weight in the 1-process tied run (measured on an AMD EPYC CPU):
     # its clipped gradient at each step; the tensor's median gradient is 1.7e-3
     grads = torch.tensor([1.22e-9, -2.82e-3, 1.21e-4, 3.38e-3, -3.44e-4, -1.69e-3])[:, None, None]
     noise = torch.zeros_like(grads)
@@ -415,13 +415,13 @@ def last_step_undone(result: dict, name: str, rows: slice) -> dict:
 
 @pytest.mark.parametrize(
     "name, rows",
-    # the rows one of the two tensor-parallel ranks holds of the tensor issue 13 saw
+    # the rows one of the two tensor-parallel ranks holds of the tensor where that element sits
     # amplified; the whole of a 64-element norm gain (which may have 1 element off)
     [("layers.2.attention.wv.weight", slice(0, 32)), ("layers.3.ffn_norm.weight", slice(None))],
     ids=["wv_tp_shard", "norm_gain"],
 )
 def test_weight_check_catches_a_stale_shard(name, rows, reference, four_ranks):
-    # the layout of issue 13, with only reduction-order noise: it passes ...
+    # the dp_shard=2 × tp=2 tied layout, with only reduction-order noise: it passes ...
     noisy, expected = four_ranks["dp_shard2_tp2_tied"], reference["single_tied"]
     assert_parity(noisy, expected)
     # ... and fails when one shard of one weight missed the last optimizer step
