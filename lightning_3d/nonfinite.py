@@ -37,18 +37,11 @@ def policy_problems(on_nonfinite: str, max_skipped: int) -> list[str]:
 
 @torch.no_grad()
 def step_health(
-    parameters: Iterable[Tensor],
-    loss: Optional[Tensor],
-    ranks_per_stage: int,
-    device: torch.device,
-    group: Optional[dist.ProcessGroup] = None,
+    parameters: Iterable[Tensor], loss: Optional[Tensor], ranks_per_stage: int, device: torch.device
 ) -> tuple[Tensor, list[int], list[int]]:
-    """``(global gradient norm, ranks whose loss is not finite, ranks whose gradients are not finite)``.
-
-    ``group`` spans every rank (default: the world); ranks are named by their rank in it.
-    """
-    world_size = dist.get_world_size(group) if dist.is_initialized() else 1
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    """``(global gradient norm, ranks whose loss is not finite, ranks whose gradients are not finite)``."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
     square_sum = local_grad_square_sum(parameters, ranks_per_stage, device)
     # filled on the device: the only host sync is reading the reduced flags
     flags = torch.zeros(1 + 2 * world_size, dtype=torch.float32, device=device)
@@ -57,7 +50,7 @@ def step_health(
         flags[1 + rank] = (~torch.isfinite(loss.detach())).any().float()
     flags[1 + world_size + rank] = (~torch.isfinite(square_sum)).float()
     if world_size > 1:
-        dist.all_reduce(flags, group=group)
+        dist.all_reduce(flags)
     flags = flags.cpu()
     bad_loss = [r for r in range(world_size) if flags[1 + r] > 0]
     bad_grads = [r for r in range(world_size) if flags[1 + world_size + r] > 0]

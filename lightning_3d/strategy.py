@@ -216,6 +216,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             mesh, meshes = self._dims.build_mesh(self.root_device.type)
             self._state = Parallelized(self._dims, mesh, meshes)
         self._collectives = Collectives(self._state.meshes, self._faults.io_group, self.root_device)
+        self._faults.watch([mesh.get_group() for mesh in self._state.meshes.values() if mesh.ndim == 1])
         if module is not None:
             module._device_mesh = self._state.mesh
 
@@ -242,7 +243,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._collectives.attach_metrics(module)
         if state.pipeline is not None:
             state.pipeline.attach(trainer)
-        self._guard.setup(self.world_size // self.dims.pp, self.root_device, group=None)
+        self._guard.setup(self.world_size // self.dims.pp, self.root_device)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -326,24 +327,21 @@ class ModelParallel4DStrategy(ParallelStrategy):
             result = None
         else:
             result = super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
-        self._faults.step_done(step + 1, self._step_groups())
+        self._faults.step_done(step + 1)
         return result
-
-    def _step_groups(self) -> list[Any]:
-        return [mesh.get_group() for mesh in self.meshes.values() if mesh.ndim == 1]
 
     # validation, test and predict wait with the startup timeout: only training steps get the short one
     @override
     def on_validation_start(self) -> None:
-        self._faults.pause(self._step_groups())
+        self._faults.pause()
 
     @override
     def on_test_start(self) -> None:
-        self._faults.pause(self._step_groups())
+        self._faults.pause()
 
     @override
     def on_predict_start(self) -> None:
-        self._faults.pause(self._step_groups())
+        self._faults.pause()
 
     @override
     def on_exception(self, exception: BaseException) -> None:

@@ -22,8 +22,8 @@ RANK, STEP, ACTION, STAMP_FILE = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 _step_done = FaultMonitor.step_done
 
 
-def step_done_then_fail(self: FaultMonitor, steps_done: int, step_groups: list) -> None:
-    _step_done(self, steps_done, step_groups)
+def step_done_then_fail(self: FaultMonitor, steps_done: int) -> None:
+    _step_done(self, steps_done)
     if dist.get_rank() == RANK and steps_done == STEP:
         STAMP_FILE.write_text(repr(time.time()))
         os.kill(os.getpid(), signal.SIGKILL if ACTION == "kill" else signal.SIGSTOP)

@@ -60,24 +60,17 @@ def local_grad_square_sum(parameters: Iterable[Tensor], ranks_per_stage: int, de
 
 
 @torch.no_grad()
-def global_grad_norm(
-    parameters: Iterable[Tensor], ranks_per_stage: int, device: torch.device, group: Optional[dist.ProcessGroup] = None
-) -> Tensor:
-    """L2 norm of all gradients of the whole model (all stages, all shards); ``group`` spans every rank."""
+def global_grad_norm(parameters: Iterable[Tensor], ranks_per_stage: int, device: torch.device) -> Tensor:
+    """L2 norm of all gradients of the whole model (all stages, all shards)."""
     total = local_grad_square_sum(parameters, ranks_per_stage, device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total, group=group)
+        dist.all_reduce(total)
     return total.sqrt()
 
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[Tensor],
-    max_norm: float,
-    ranks_per_stage: int,
-    device: torch.device,
-    norm: Optional[Tensor] = None,
-    group: Optional[dist.ProcessGroup] = None,
+    parameters: Iterable[Tensor], max_norm: float, ranks_per_stage: int, device: torch.device, norm: Optional[Tensor] = None
 ) -> Tensor:
     """Scale gradients in place so the global norm is at most ``max_norm``; return the norm.
 
@@ -85,7 +78,7 @@ def clip_grad_norm_(
     """
     parameters = list(parameters)
     if norm is None:
-        norm = global_grad_norm(parameters, ranks_per_stage, device, group)
+        norm = global_grad_norm(parameters, ranks_per_stage, device)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for param in parameters:
         if param.grad is not None:

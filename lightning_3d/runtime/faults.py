@@ -38,6 +38,7 @@ class FaultMonitor:
         self.init_timeout = timedelta(seconds=parallel.init_timeout_s)
         self.step_timeout = timedelta(seconds=parallel.timeout_s)
         self.io_group: Optional[dist.ProcessGroup] = None
+        self.step_groups: set[dist.ProcessGroup] = set()  # what the training step's collectives run on
         self.async_group: Optional[dist.ProcessGroup] = None  # background checkpoint saves
         self.failure_report: Optional[str] = None  # which ranks broke the job, after a communication failure
         self.failed = False
@@ -94,27 +95,30 @@ class FaultMonitor:
         )
         return {"store": dist.PrefixStore(f"lightning_3d/restart-{restart}", store)}
 
-    def step_done(self, steps_done: int, step_groups: list[dist.ProcessGroup]) -> None:
+    def watch(self, mesh_groups: list[dist.ProcessGroup]) -> None:
+        """The groups the training step's collectives run on: the mesh's and the default group."""
+        self.step_groups = {group for group in [*mesh_groups, dist.group.WORLD] if group is not self.io_group}
+
+    def step_done(self, steps_done: int) -> None:
         """After each optimizer step: the heartbeat's step; after the first, the short timeout
-        on ``step_groups`` (the mesh's groups) and the default group."""
+        on the step groups."""
         if self._heartbeat is not None:
             self._heartbeat.step = steps_done
         if not self._steady and dist.is_initialized():
             self._steady = True
-            self._set_timeout(step_groups, self.step_timeout)
+            self._set_timeout(self.step_timeout)
 
-    def pause(self, step_groups: list[dist.ProcessGroup]) -> None:
+    def pause(self) -> None:
         """Validation, test or predict begins: its waits (a slow metric, a callback on one rank)
         are not a training step's, so the step groups get the startup timeout back until the
         next training step is done (a rank still busy at the end of validation delays it)."""
         if self._steady:
-            self._set_timeout(step_groups, self.init_timeout)
+            self._set_timeout(self.init_timeout)
             self._steady = False
 
-    def _set_timeout(self, step_groups: list[dist.ProcessGroup], timeout: timedelta) -> None:
-        for group in {*step_groups, dist.group.WORLD}:
-            if group is not self.io_group:
-                set_group_timeout(group, timeout)
+    def _set_timeout(self, timeout: timedelta) -> None:
+        for group in self.step_groups:
+            set_group_timeout(group, timeout)
 
     def on_exception(self, rank: int, exception: BaseException) -> None:
         """Tell the other ranks this one failed and, after a failed collective, name the rank that broke the job."""

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_3d.nonfinite import NonFiniteGuard, step_health
@@ -31,17 +30,16 @@ class StepGuard:
         self._norm_for_clipping: Optional[Tensor] = None
         self.ranks_per_stage = 1
         self.device = torch.device("cpu")
-        self.group: Optional[dist.ProcessGroup] = None  # spans every rank; step collectives only
 
-    def setup(self, ranks_per_stage: int, device: torch.device, group: Optional[dist.ProcessGroup]) -> None:
-        self.ranks_per_stage, self.device, self.group = ranks_per_stage, device, group
+    def setup(self, ranks_per_stage: int, device: torch.device) -> None:
+        self.ranks_per_stage, self.device = ranks_per_stage, device
 
     def should_skip(self, params: Iterable[Tensor], loss: Optional[Tensor], step: int) -> bool:
         """Reduce pending gradients, agree on the loss and gradient norm; raise on "stop",
         True on "skip" (the caller drops the update)."""
         params = list(params)
         reduce_partial_grads(params)
-        norm, bad_loss, bad_grads = step_health(params, loss, self.ranks_per_stage, self.device, self.group)
+        norm, bad_loss, bad_grads = step_health(params, loss, self.ranks_per_stage, self.device)
         self.last_grad_norm = norm
         skip = self.nonfinite.should_skip(step, bad_loss, bad_grads)
         self._norm_for_clipping = None if skip else norm
@@ -50,7 +48,7 @@ class StepGuard:
     def clip(self, params: Iterable[Tensor], max_norm: float) -> None:
         """Clip to ``max_norm`` by the global norm (the one agreed on in :meth:`should_skip`, if any)."""
         norm, self._norm_for_clipping = self._norm_for_clipping, None
-        clip_grad_norm_(params, max_norm, self.ranks_per_stage, self.device, norm=norm, group=self.group)
+        clip_grad_norm_(params, max_norm, self.ranks_per_stage, self.device, norm=norm)
 
     def state_dict(self) -> dict[str, Any]:
         return self.nonfinite.state_dict()
