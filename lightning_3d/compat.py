@@ -47,6 +47,8 @@ from lightning.fabric.utilities.distributed import (
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+# lightning 2.6: how ModelParallelStrategy materializes a module that parallelized itself (to_empty + reset_parameters)
+from lightning.fabric.strategies.model_parallel import _materialize_distributed_module
 from lightning.fabric.utilities.types import _PATH
 # lightning 2.6: Lightning's precision aliases ("bf16", 32) → the unified names
 from lightning.fabric.connector import _convert_precision_to_unified_args

@@ -31,6 +31,7 @@ from lightning_3d.compat import (
     _PATH,
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
+    _materialize_distributed_module,
     _optimizers_to_device,
 )
 from lightning_3d.config import ParallelConfig, PerfConfig, TrainerConfig
@@ -40,9 +41,13 @@ from lightning_3d.launcher import SubprocessLauncher
 from lightning_3d.parallel import parallelize
 from lightning_3d.parallel.context_parallel import shard_batch
 from lightning_3d.parallel.materialize import meta_parameters
-from lightning_3d.plans.base import ParallelPlan
+from lightning_3d.parallel.model_call import ModelCallHook, ShiftedLabels
+from lightning_3d.parallel.pipeline_parallel import stages_of_rank
+from lightning_3d.parallel.tied import tied_aliases
+from lightning_3d.plans.auto import model_plan
 from lightning_3d.runtime import (
     Checkpointer,
+    PipelinedModel,
     Collectives,
     FaultMonitor,
     Parallelized,
@@ -50,8 +55,10 @@ from lightning_3d.runtime import (
     StepGuard,
     layout_of,
     parallelized,
+    tied_stage_group,
+    tied_stage_weights,
 )
-from lightning_3d.validation import check_strategy, module_problems, raise_problems
+from lightning_3d.validation import check_strategy, module_problems, raise_problems, self_parallelized_problems
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -253,19 +260,39 @@ class ModelParallel4DStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
     def _parallelize(self, module: "pl.LightningModule", state: Parallelized) -> None:
-        plan = module.parallel_plan(self.parallel)  # its presence is checked in setup_environment()
-        if not isinstance(plan, ParallelPlan):
-            raise TypeError(f"{type(module).__name__}.parallel_plan() returned {type(plan).__name__}, not a ParallelPlan")
-        raise_problems(module_problems(module, plan, self.parallel, self.dims))
+        derived = model_plan(module, self.parallel, self.dims)
+        if derived.plan is None:  # configure_model() applied its own TP / FSDP2 (ModelParallelStrategy style)
+            raise_problems(self_parallelized_problems(module, self.dims))
+            _materialize_distributed_module(module, self.root_device)
+            state.stages = [(0, module)]
+            state.attach(module)
+            return
+        plan = derived.plan
+        raise_problems(derived.problems + module_problems(module, plan, self.parallel, self.dims))
         self.model = self.precision_plugin.convert_module(self.model)
-        state.root = plan.root
+        state.root, state.plan = plan.root, plan
+        aliases = tied_aliases(module.get_submodule(plan.root), plan.root)
+        calls_model = self.dims.pp > 1 and not hasattr(module, "pipeline_batch")
         state.stages = parallelize(
             module, plan, state.meshes, self.dims, self.parallel,
             precision=str(self.precision_plugin.precision), device=self.root_device,
-            init_fn=getattr(module, "init_parameter", None), seed=self.init_seed, perf=self.perf,
+            init_fn=derived.init_fn, seed=self.init_seed, perf=self.perf,
+            stage_list=PipelinedModel if calls_model else torch.nn.ModuleList,
         )
+        if self.dims.cp > 1 and plan.shifts_labels:
+            state.shifted_labels = ShiftedLabels(state.meshes["cp"].get_local_rank(), self.dims.cp)
         if self.dims.pp > 1:
-            state.pipeline = PipelineRunner(state.stages, self.parallel, state.meshes, self.root_device)
+            tied = tied_stage_weights(state.stages, plan.root, aliases)
+            stage_ranks = [rank for rank in range(self.dims.pp) if {0, self.dims.pp * self.parallel.stages_per_rank - 1} & set(
+                stages_of_rank(rank, self.dims.pp, self.parallel.stages_per_rank, self.parallel.pp_schedule))]
+            group = tied_stage_group(state.mesh, stage_ranks[0], stage_ranks[-1]) if aliases else None
+            state.pipeline = PipelineRunner(state.stages, self.parallel, state.meshes, self.root_device, plan, tied, group)
+            state.pipeline.labels_shifted = state.shifted_labels is not None
+            if calls_model:
+                module.get_submodule(plan.root).runner = state.pipeline
+        elif derived.kind == "transformers":
+            hook = ModelCallHook(state.meshes["loss"], state.meshes["cp"].get_local_rank(), self.dims.cp, state.shifted_labels)
+            module.get_submodule(plan.root).register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
         state.attach(module)
 
     @override
@@ -281,7 +308,11 @@ class ModelParallel4DStrategy(ParallelStrategy):
         if self.dims.cp == 1:
             return batch
         keys = getattr(self.lightning_module, "context_parallel_keys", ())
-        return shard_batch(batch, self.meshes["cp"].get_local_rank(), self.dims.cp, keys)
+        cut = shard_batch(batch, self.meshes["cp"].get_local_rank(), self.dims.cp, keys)
+        shifted_labels = self._parallelized().shifted_labels
+        if shifted_labels is not None:  # the model shifts labels inside: shift them before the cut
+            shifted_labels.remember(batch, cut)
+        return cut
 
     def _run_step(self, stage: str, context: AbstractContextManager, step: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any) -> Any:
         """A step on this rank's part of the batch: the pipeline schedule under PP, else the module's own step."""
@@ -290,8 +321,15 @@ class ModelParallel4DStrategy(ParallelStrategy):
         if pipeline is not None:
             if stage == "predict":
                 raise ConfigError(f"predict is not supported with pipeline parallel (pp={self.dims.pp}); predict with pp=1")
+            batch_idx = args[0] if args else kwargs["batch_idx"]
             with context:
-                return pipeline.step(self.lightning_module, batch, args[0] if args else kwargs["batch_idx"], stage)
+                if hasattr(self.lightning_module, "pipeline_batch"):
+                    return pipeline.step(self.lightning_module, batch, batch_idx, stage)
+                # the module's own step; its model call runs the schedule (PipelinedModel)
+                pipeline.begin(self.lightning_module, stage, batch_idx)
+                output = step(batch, *args, **kwargs)
+                pipeline.end()
+                return output
         with context, self._step_context():
             return step(batch, *args, **kwargs)
 

@@ -38,7 +38,7 @@ from lightning_3d.parallel.pipeline_parallel import (
     is_single_stage,
     num_microbatches,
 )
-from lightning_3d.parallel.tied import tied_parameter_names
+from lightning_3d.parallel.tensor_parallel import blocks_of
 
 VALID_CP_BACKENDS = ("ring", "allgather", "native")
 VALID_ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -311,27 +311,16 @@ def check_strategy(
 
 
 def module_contract_problems(module: Any, parallel: ParallelConfig) -> list[str]:
-    """What a LightningModule must provide for this layout (checked before any process group)."""
-    name = type(module).__name__
+    """What a LightningModule must provide for this layout (checked before any process group).
+
+    Any module qualifies: the plan is derived after ``configure_model`` (see
+    :mod:`lightning_3d.plans.auto`); only what no plan can fix is refused here."""
     problems = []
-    if not hasattr(module, "parallel_plan"):
+    if parallel.pp > 1 and not getattr(module, "automatic_optimization", True):
         problems.append(
-            f"{name} defines no `parallel_plan(parallel_config)` method: the strategy needs "
-            f"the block container and root module to shard (parallel.tp={parallel.tp}); see ParallelPlan"
+            f"parallel.pp={parallel.pp}: {type(module).__name__} uses manual optimization (automatic_optimization=False), "
+            "but under pipeline parallel the schedule runs forward and backward itself; use automatic optimization or pp=1"
         )
-    if parallel.pp > 1:
-        missing = [hook for hook in ("pipeline_batch", "record_loss") if not hasattr(module, hook)]
-        if missing:
-            problems.append(
-                f"parallel.pp={parallel.pp}: {name} lacks {missing}; a pipelined module defines "
-                "`pipeline_batch(batch) -> (input_ids, labels)` and `record_loss(stage, loss, tokens)` "
-                "(see docs/your-model.md)"
-            )
-        if not getattr(module, "automatic_optimization", True):
-            problems.append(
-                f"parallel.pp={parallel.pp}: {name} uses manual optimization (automatic_optimization=False), but under "
-                "pipeline parallel the schedule runs forward and backward itself; use automatic optimization or pp=1"
-            )
     return problems
 
 
@@ -357,11 +346,11 @@ def _tp_shape_problem(name: str, module: nn.Module, style: object, tp: int) -> s
 def module_problems(module: nn.Module, plan: Any, parallel: ParallelConfig, dims: ParallelDims) -> list[str]:
     """Checks that run from the module itself, for any module (parameters on meta, before parallelizing):
     the plan's names exist, TP-sharded weights divide by tp, there are blocks enough for the pipeline
-    stages, and a shared weight does not span pipeline stages. What cannot be checked from the module
+    stages. What cannot be checked from the module
     (attention heads vs tp, sequence length vs cp) is said once, on rank 0."""
     try:
         root = module.get_submodule(plan.root)
-        blocks = list(root.get_submodule(plan.blocks).children())
+        blocks = blocks_of(root, plan)
     except AttributeError as error:
         return [f"{type(module).__name__}: the plan names a module that does not exist ({error})"]
     problems = []
@@ -385,13 +374,6 @@ def module_problems(module: nn.Module, plan: Any, parallel: ParallelConfig, dims
             )
         elif parallel.pp_layers is not None:
             problems += check_explicit_split(parallel.pp_layers, len(blocks), num_stages)
-        first = tuple(f"{n}." for n in plan.first_stage)
-        last = tuple(f"{n}." for n in plan.last_stage)
-        for group in tied_parameter_names(root):
-            if any(n.startswith(first) for n in group) and any(n.startswith(last) for n in group):
-                problems.append(
-                    f"{plan.root}: {group} share one weight across the first and last pipeline stages; untie them or use pp=1"
-                )
     if dims.cp > 1:
         missing = [i for i, block in enumerate(blocks) if _missing(block, plan.attention)]
         if missing:
@@ -411,3 +393,16 @@ def _missing(module: nn.Module, name: str) -> bool:
     except AttributeError:
         return True
     return False
+
+
+def self_parallelized_problems(module: nn.Module, dims: ParallelDims) -> list[str]:
+    """A module that applied TP / FSDP2 itself in configure_model (ModelParallelStrategy style) gets
+    nothing on top: it sees the mesh as ``device_mesh["data_parallel"]`` / ``["tensor_parallel"]`` only."""
+    extra = {name: size for name, size in (("pp", dims.pp), ("cp", dims.cp)) if size > 1}
+    if not extra:
+        return []
+    return [
+        f"{type(module).__name__} parallelized itself in configure_model() (DTensor parameters or fully_shard), so the "
+        f"strategy applies nothing on top; {', '.join(f'{k}={v}' for k, v in extra.items())} cannot be added to it. "
+        "Use data × tensor parallel only, or let the strategy parallelize (create the model without sharding it)"
+    ]

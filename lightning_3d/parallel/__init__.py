@@ -27,13 +27,16 @@ from lightning_3d.parallel.data_parallel import (
     mixed_precision_policy,
 )
 from lightning_3d.parallel.materialize import InitFn, has_meta_parameters, materialize
+from lightning_3d.parallel.model_call import use_ring_attention
 from lightning_3d.parallel.pipeline_parallel import (
     cut_stage,
     split_blocks,
     stages_of_rank,
 )
 from lightning_3d.parallel.tensor_parallel import apply_tensor_parallel, blocks_of
+from lightning_3d.parallel.tied import tied_aliases
 from lightning_3d.plans.base import ParallelPlan
+from lightning_3d.plans.hf import is_hf_model
 
 
 def _pipeline_stages(model: nn.Module, plan: ParallelPlan, config: ParallelConfig, pp_rank: int) -> list[tuple[int, nn.Module]]:
@@ -59,12 +62,14 @@ def parallelize(
     init_fn: InitFn | None,
     seed: int,
     perf: PerfConfig | None = None,
+    stage_list: type[nn.ModuleList] = nn.ModuleList,
 ) -> list[tuple[int, nn.Module]]:
     """Parallelize ``module`` in place and return this rank's (stage index, stage module)s.
 
     Without pipeline parallel the single "stage" is ``module.<plan.root>`` itself; with it,
-    ``module.<plan.root>`` becomes an ``nn.ModuleList`` of this rank's stages, so the
-    optimizer and Lightning see exactly the parameters this rank owns.
+    ``module.<plan.root>`` becomes a ``stage_list`` of this rank's stages, so the optimizer and
+    Lightning see exactly the parameters this rank owns. A weight tied between stages (an
+    embedding and its head) becomes one copy per stage, each drawn as the tied weight.
     """
     on_meta = has_meta_parameters(module)
     if on_meta and init_fn is None:
@@ -78,10 +83,11 @@ def parallelize(
             f"{type(module).__name__}.configure_model(), which the strategy runs on the meta device"
         )
     model = module.get_submodule(plan.root)
+    aliases = tied_aliases(model, plan.root)
     if dims.pp > 1:
         stages = _pipeline_stages(model, plan, config, meshes["pp"].get_local_rank())
         owner, _, attr = plan.root.rpartition(".")
-        setattr(module.get_submodule(owner) if owner else module, attr, nn.ModuleList([part for _, part in stages]))
+        setattr(module.get_submodule(owner) if owner else module, attr, stage_list([part for _, part in stages]))
     else:
         stages = [(0, model)]
     perf = perf or PerfConfig()
@@ -93,7 +99,10 @@ def parallelize(
             apply_float8(part, plan)
         if dims.tp > 1:
             apply_tensor_parallel(part, plan, meshes["tp"])
-        if dims.cp > 1:
+        if dims.cp > 1 and is_hf_model(part):
+            use_ring_attention(part, meshes["cp"].get_group(), config.cp_backend)
+            part.context_parallel_rank = (meshes["cp"].get_local_rank(), dims.cp)  # for pipeline stages
+        elif dims.cp > 1:
             attention = [block.get_submodule(plan.attention) for block in blocks_of(part, plan)]
             apply_context_parallel(part, attention, meshes["cp"].get_group(), config.cp_backend)
         apply_activation_checkpointing(part, plan, perf.activation_checkpoint, perf.ac_every)
@@ -103,7 +112,7 @@ def parallelize(
             part, plan, meshes, dims, mixed_precision_policy(precision), reshard, perf.fsdp_prefetch, perf.cpu_offload
         )
         if on_meta:
-            materialize(part, plan.root, device, init_fn, seed)
+            materialize(part, plan.root, device, init_fn, seed, aliases)
     leftover = [name for name, param in module.named_parameters() if param.is_meta]
     if leftover:
         raise ConfigError(f"parameters outside the plan's root {plan.root!r} cannot be materialized: {leftover[:5]}")

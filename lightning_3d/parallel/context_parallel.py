@@ -237,10 +237,10 @@ class RingAttention(torch.autograd.Function):
     """Attention of this rank's queries over the whole (cp-sharded) sequence."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, causal: bool) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, causal: bool, scale: float | None = None) -> Tensor:
         ring = _Ring(group)
         groups = q.shape[1] // k.shape[1]
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         q_chunks = q.chunk(2, dim=2)
         own_ids = chunk_ids(ring.rank, ring.size)
         out, lse = [None, None], [None, None]
@@ -260,7 +260,7 @@ class RingAttention(torch.autograd.Function):
                 kv = _Ring.finish(pending)
         out_full, lse_full = torch.cat(out, dim=2), torch.cat(lse, dim=2)
         ctx.save_for_backward(q, k, v, out_full, lse_full)
-        ctx.group, ctx.causal = group, causal
+        ctx.group, ctx.causal, ctx.scale = group, causal, scale
         return out_full.to(q.dtype)
 
     @staticmethod
@@ -268,7 +268,7 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
         groups = q.shape[1] // k.shape[1]
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = ctx.scale
         d_out = d_out.float()
         delta = (d_out * out).sum(-1)
         q_chunks, out_chunks = q.chunk(2, dim=2), out.chunk(2, dim=2)
@@ -303,10 +303,10 @@ class RingAttention(torch.autograd.Function):
             if pending_kv is not None:
                 kv = _Ring.finish(pending_kv)
         d_k, d_v = (t.to(k.dtype) for t in d_kv)
-        return torch.cat(d_q, dim=2).to(q.dtype), d_k, d_v, None, None
+        return torch.cat(d_q, dim=2).to(q.dtype), d_k, d_v, None, None, None
 
 
-def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, causal: bool) -> Tensor:
+def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, causal: bool, scale: float | None = None) -> Tensor:
     """All-gather K/V (autograd-aware: the backward reduce-scatters), then one masked attention."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     local = q.shape[2]
@@ -320,7 +320,7 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGrou
     if causal:
         q_pos = balanced_positions(local, rank, cp, q.device)[0]
         mask = q_pos[:, None] >= torch.arange(local * cp, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class ContextParallelAttention(nn.Module):
@@ -332,10 +332,10 @@ class ContextParallelAttention(nn.Module):
             raise ConfigError(f"cp_backend={backend!r} is not available here; use one of ['ring', 'allgather']")
         self.group, self.backend, self.causal = group, backend, causal
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
         if self.backend == "ring":
-            return RingAttention.apply(q, k, v, self.group, self.causal)
-        return allgather_attention(q, k, v, self.group, self.causal)
+            return RingAttention.apply(q, k, v, self.group, self.causal, scale)
+        return allgather_attention(q, k, v, self.group, self.causal, scale)
 
 
 def apply_context_parallel(model: nn.Module, attention_modules: list[nn.Module], group: dist.ProcessGroup, backend: str) -> None:

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate
 
+from lightning_3d.parallel.tied import TIED_COPY
+
 
 def _local_and_shards(grad: Tensor) -> tuple[Tensor, int]:
     if isinstance(grad, DTensor):
@@ -52,7 +54,7 @@ def local_grad_square_sum(parameters: Iterable[Tensor], ranks_per_stage: int, de
     """This rank's share of the squared global gradient norm; summed over the world it is the whole."""
     total = torch.zeros((), dtype=torch.float32, device=device)
     for param in parameters:
-        if param.grad is not None:
+        if param.grad is not None and not getattr(param, TIED_COPY, False):  # a tied weight counts once
             local, shards = _local_and_shards(param.grad)
             # each shard is held by ranks_per_stage / shards ranks of this stage
             total += local.float().pow(2).sum() * (shards / ranks_per_stage)

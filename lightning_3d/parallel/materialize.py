@@ -8,7 +8,7 @@ process or on any mesh, which is what makes loss-parity tests between layouts po
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Callable
 
@@ -72,7 +72,7 @@ def has_meta_parameters(module: nn.Module) -> bool:
 def _real_buffers(model: nn.Module, prefix: str) -> dict[str, Tensor]:
     """Every buffer of ``model`` by name (shared ones under each name); none may be on meta."""
     buffers = dict(model.named_buffers(remove_duplicate=False))
-    on_meta = [f"{prefix}.{canonical_name(name)}" for name, buffer in buffers.items() if buffer.is_meta]
+    on_meta = [join_name(prefix, canonical_name(name)) for name, buffer in buffers.items() if buffer.is_meta]
     if on_meta:
         raise ConfigError(
             f"{len(on_meta)} of {len(buffers)} buffers are on the meta device after configure_model(): "
@@ -82,14 +82,65 @@ def _real_buffers(model: nn.Module, prefix: str) -> dict[str, Tensor]:
     return buffers
 
 
+def join_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _twin(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (sharing its submodules) under its own class: FSDP2 and
+    replicate swap in subclasses that cannot be copied, and init rules need only the original."""
+    own_class = next(c for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed"))
+    twin = own_class.__new__(own_class)
+    twin.__dict__.update(module.__dict__)
+    return twin
+
+
+def owner_init(full_model: nn.Module, prefix: str, rule: Callable[[nn.Module], None] | None = None) -> InitFn:
+    """An ``init_fn`` that fills a parameter with its owner module's own init rule.
+
+    The owner (found by name in ``full_model``, the unsplit model at ``prefix``) is copied
+    with fresh full-size parameters, ``rule(copy)`` runs on it (default: the module's
+    ``reset_parameters``) under the global RNG seeded from the parameter's generator, and
+    the one parameter asked for is taken. Each parameter thus depends on its name and seed
+    only, never on the layout.
+    """
+
+    def init(name: str, full: Tensor, generator: torch.Generator) -> None:
+        owner_name, _, attr = name.removeprefix(f"{prefix}.").rpartition(".") if prefix else name.rpartition(".")
+        owner = full_model.get_submodule(owner_name)
+        # torch's own modules: reset_parameters, or _reset_parameters (MultiheadAttention)
+        module_reset = getattr(type(owner), "reset_parameters", None) or getattr(type(owner), "_reset_parameters", None)
+        if rule is None and module_reset is None:
+            raise ConfigError(
+                f"parameter {name!r} of {type(owner).__name__} has no init rule: give {type(owner).__name__} a "
+                "reset_parameters(), or the LightningModule an init_parameter(name, full_tensor, generator)"
+            )
+        twin = _twin(owner)
+        twin._parameters = {
+            key: None if param is None else nn.Parameter(torch.empty(param.shape, dtype=torch.float32, device=full.device))
+            for key, param in owner._parameters.items()
+        }
+        devices = [full.device] if full.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(generator.initial_seed())
+            (rule or module_reset)(twin)
+        full.copy_(twin._parameters[attr])
+
+    return init
+
+
 @torch.no_grad()
-def materialize(model: nn.Module, prefix: str, device: torch.device, init_fn: InitFn, seed: int) -> None:
+def materialize(
+    model: nn.Module, prefix: str, device: torch.device, init_fn: InitFn, seed: int, aliases: Mapping[str, str] | None = None
+) -> None:
     """Allocate every parameter of ``model`` on ``device`` and fill it from ``init_fn``.
 
     ``model`` is the plan root or one pipeline stage of it; ``prefix`` (the root's name in
     the LightningModule) makes the names ``init_fn`` sees the same for every layout.
     FSDP2 re-links its shards when ``to_empty`` runs on the sharded module. Buffers, built
     by the model's own code in ``configure_model()``, keep their values (moved to ``device``).
+    ``aliases`` maps a name to the one it is tied to in the unsplit model (a pipeline stage
+    holding its own copy of a tied weight): the copy is drawn as that weight.
     """
     buffers = _real_buffers(model, prefix)
     tied = tied_parameter_names(model)
@@ -103,7 +154,8 @@ def materialize(model: nn.Module, prefix: str, device: torch.device, init_fn: In
             moved[id(buffer)] = buffer.to(device)
         setattr(model.get_submodule(owner), attr, moved[id(buffer)])  # keeps it (non-)persistent
     for name, param in model.named_parameters():
-        name = f"{prefix}.{canonical_name(name)}"
+        name = join_name(prefix, canonical_name(name))
+        name = (aliases or {}).get(name, name)
         generator = torch.Generator(device=device).manual_seed(_name_seed(seed, name))
         full = torch.empty(param.shape, dtype=torch.float32, device=device)
         init_fn(name, full, generator)

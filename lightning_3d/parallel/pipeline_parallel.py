@@ -113,21 +113,43 @@ def _set_module(root: nn.Module, name: str, value: nn.Module | None) -> None:
     setattr(root.get_submodule(owner) if owner else root, attr, value)
 
 
+class StageBlocks(nn.ModuleList):
+    """The blocks a pipeline stage keeps, under their indices in the unsplit model.
+
+    Iteration, ``len`` and slicing (``layers[: config.num_hidden_layers]``) behave as for
+    the stage's own blocks in order; parameter names keep the original index
+    (``layers.5.mlp...``), so checkpoints and initial weights match the unsplit model.
+    """
+
+    def __init__(self, blocks: dict[str, nn.Module] | None = None) -> None:
+        super().__init__()
+        for name, block in (blocks or {}).items():
+            self.add_module(name, block)
+
+    def __getitem__(self, index: int | slice) -> nn.Module | nn.ModuleList:
+        blocks = list(self._modules.values())
+        return nn.ModuleList(blocks[index]) if isinstance(index, slice) else blocks[index]
+
+
 def cut_stage(model: nn.Module, plan: ParallelPlan, blocks: Sequence[int], is_first: bool, is_last: bool) -> nn.Module:
     """A copy of ``model`` that keeps only ``blocks`` and, on the ends, the first/last-stage modules."""
     stage = copy.deepcopy(model)
     container = stage.get_submodule(plan.blocks)
-    if not isinstance(container, nn.ModuleDict):
-        raise TypeError(
-            f"pipeline parallel needs the blocks `{plan.blocks}` in an nn.ModuleDict (so block names survive the cut), "
-            f"got {type(container).__name__}"
-        )
     keep = {str(block) for block in blocks}
-    for name in list(container.keys()):
-        if name not in keep:
-            del container[name]
+    if isinstance(container, nn.ModuleDict):
+        for name in list(container.keys()):
+            if name not in keep:
+                del container[name]
+    elif isinstance(container, nn.ModuleList):
+        _set_module(stage, plan.blocks, StageBlocks({name: block for name, block in container._modules.items() if name in keep}))
+    else:
+        raise TypeError(
+            f"pipeline parallel needs the blocks `{plan.blocks}` in an nn.ModuleList or nn.ModuleDict, got {type(container).__name__}"
+        )
     for name in ([] if is_first else plan.first_stage) + ([] if is_last else plan.last_stage):
         _set_module(stage, name, None)
+    if plan.prepare_stage is not None:
+        plan.prepare_stage(stage, is_first, is_last)
     return stage
 
 
@@ -141,9 +163,11 @@ class PipelineLoss:
 
     def __init__(self) -> None:
         self.scale = 1.0
+        # (logits, labels) -> token-loss sum; the model's own loss when its plan names one
+        self.summed: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return cross_entropy_sum(logits, labels) * self.scale
+        return self.summed(logits, labels) * self.scale
 
 
 # actions a forward-only pass keeps from a lowered (compute + communication) schedule

@@ -11,18 +11,19 @@ from lightning_3d.plans.base import ParallelPlan
 
 
 def blocks_of(model: nn.Module, plan: ParallelPlan) -> list[nn.Module]:
-    """The transformer blocks this model (or pipeline stage) holds, in order."""
-    return list(model.get_submodule(plan.blocks).children())
+    """The transformer blocks this model (or pipeline stage) holds, in order (none when the plan names none)."""
+    return list(model.get_submodule(plan.blocks).children()) if plan.blocks else []
 
 
 def present_module(model: nn.Module, name: str) -> nn.Module | None:
-    """``model.<name>``, or None where a pipeline stage has dropped it."""
+    """``model.<name>``, or None where a pipeline stage has dropped it (None, or an Identity placeholder)."""
     owner_name, _, attr = name.rpartition(".")
     try:
         owner = model.get_submodule(owner_name) if owner_name else model
     except AttributeError:
         return None
-    return getattr(owner, attr, None)
+    found = getattr(owner, attr, None)
+    return None if isinstance(found, nn.Identity) else found
 
 
 def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh) -> None:

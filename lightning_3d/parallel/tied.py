@@ -26,3 +26,13 @@ def retie(root: nn.Module, tied: list[list[str]]) -> None:
             owner = root.get_submodule(owner_name)
             if getattr(owner, param_name) is not shared:
                 setattr(owner, param_name, shared)
+
+
+# set on a pipeline stage's own copy of a weight tied to one on another stage: counted once in norms
+TIED_COPY = "_lightning_3d_tied_copy"
+
+
+def tied_aliases(root: nn.Module, prefix: str) -> dict[str, str]:
+    """Each alias of a tied group → the group's first name, both under ``prefix``."""
+    join = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+    return {join(alias): join(first) for first, *aliases in tied_parameter_names(root) for alias in aliases}

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Optional
 
+from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
 
@@ -26,6 +29,14 @@ class ParallelPlan:
         last_stage: modules that only the last pipeline stage keeps (final norm, head).
             Other stages set them to ``None``; the model's forward must tolerate that.
         attention: the attention module inside a block (for context parallel).
+        prepare_stage: called on each cut pipeline stage as ``(stage, is_first, is_last)``
+            to give it a forward from the previous stage's output tensor to the next one's
+            input (transformers models); None when the model's forward already is one.
+        pipeline_loss: ``(last stage, logits, labels, shifted) -> token-loss sum``: the
+            model's own loss under pipeline parallel, for modules whose training_step calls
+            the model with labels; None: summed cross entropy of already shifted labels.
+        shifts_labels: the model shifts labels inside (transformers convention); context
+            parallel then shifts them before the sequence is cut.
         random_free_blocks: the blocks draw no random numbers (no dropout) in training, so
             activation checkpointing may skip saving and restoring the RNG state around each
             block's recomputation. Leave False when unsure: a wrong True gives wrong gradients.
@@ -40,3 +51,6 @@ class ParallelPlan:
     last_stage: list[str] = field(default_factory=list)
     attention: str = "attention"
     random_free_blocks: bool = False
+    prepare_stage: Optional[Callable[[nn.Module, bool, bool], None]] = None
+    pipeline_loss: Optional[Callable[[nn.Module, Tensor, Tensor, bool], Tensor]] = None
+    shifts_labels: bool = False

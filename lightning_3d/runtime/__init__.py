@@ -1,6 +1,6 @@
 """The pieces the strategy runs, one job per file, each called from one Lightning hook.
 
-- :mod:`.pipeline`: ``PipelineRunner`` — runs the pipeline schedule where a step calls the model.
+- :mod:`.pipeline`: ``PipelineRunner`` / ``PipelinedModel`` — runs the pipeline schedule where a step calls the model.
 - :mod:`.step_guard`: ``StepGuard`` — partial-gradient reduce, agreed non-finite check, clipping.
 - :mod:`.checkpointer`: ``Checkpointer`` — DCP save / load / async / remove, RNG, layout.
 - :mod:`.faults`: ``FaultMonitor`` — process-group bootstrap, heartbeat, timeouts, NCCL settings.
@@ -11,8 +11,20 @@
 from lightning_3d.runtime.checkpointer import Checkpointer, layout_of
 from lightning_3d.runtime.faults import FaultMonitor
 from lightning_3d.runtime.parallelized import Parallelized, parallelized
-from lightning_3d.runtime.pipeline import PipelineRunner
+from lightning_3d.runtime.pipeline import PipelinedModel, PipelineRunner, tied_stage_group, tied_stage_weights
 from lightning_3d.runtime.step_guard import StepGuard
 from lightning_3d.runtime.sync import Collectives
 
-__all__ = ["Checkpointer", "Collectives", "FaultMonitor", "PipelineRunner", "Parallelized", "StepGuard", "layout_of", "parallelized"]
+__all__ = [
+    "Checkpointer",
+    "Collectives",
+    "FaultMonitor",
+    "PipelineRunner",
+    "PipelinedModel",
+    "Parallelized",
+    "StepGuard",
+    "layout_of",
+    "parallelized",
+    "tied_stage_group",
+    "tied_stage_weights",
+]

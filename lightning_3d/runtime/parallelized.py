@@ -15,6 +15,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
+from lightning_3d.parallel.model_call import ShiftedLabels
+from lightning_3d.plans.base import ParallelPlan
 from lightning_3d.runtime.pipeline import PipelineRunner
 
 _ATTRIBUTE = "_lightning_3d_parallelized"
@@ -28,6 +30,8 @@ class Parallelized:
     root: str = ""  # the plan root, once parallelized
     stages: list[tuple[int, nn.Module]] = field(default_factory=list)
     pipeline: Optional[PipelineRunner] = None
+    plan: Optional[ParallelPlan] = None  # None for a module that parallelized itself
+    shifted_labels: Optional[ShiftedLabels] = None  # context parallel on a model that shifts labels inside
 
     def attach(self, module: nn.Module) -> None:
         setattr(module, _ATTRIBUTE, self)
