@@ -92,7 +92,9 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        # no bias: a key bias has a zero gradient (softmax ignores it), so AdamW turns the pure
+        # rounding noise it gets into full-size steps that differ between layouts
+        self.attn = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,6 +262,9 @@ def run(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     )
     trainer.fit(module, loader(batch_size, padded=case.get("padded", False)))
     result: dict[str, Any] = {"losses": recorder.losses}
+    if case.get("validate"):
+        logged = trainer.validate(module, loader(batch_size, batches=1), verbose=False)
+        result["val_loss"] = float(logged[0]["val_loss"])
     if case.get("weights"):
         result["weights"] = full_weights(module)
     return result

@@ -48,7 +48,9 @@ def meta_parameters() -> Iterator[None]:
     register = nn.Module.register_parameter
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
+        # a DTensor parameter comes from parallelize_module / fully_shard in a module that
+        # parallelizes itself: it keeps the values it was distributed with
+        if param is not None and not param.is_meta and not isinstance(param, DTensor):
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register(module, name, param)
 
