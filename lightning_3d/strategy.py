@@ -287,7 +287,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
                 stages_of_rank(rank, self.dims.pp, self.parallel.stages_per_rank, self.parallel.pp_schedule))]
             group = tied_stage_group(state.mesh, stage_ranks[0], stage_ranks[-1]) if aliases else None
             state.pipeline = PipelineRunner(state.stages, self.parallel, state.meshes, self.root_device, plan, tied, group)
-            state.pipeline.labels_shifted = state.shifted_labels is not None
+            state.pipeline.shifted_labels = state.shifted_labels
             if calls_model:
                 module.get_submodule(plan.root).runner = state.pipeline
         elif derived.kind == "transformers":

@@ -164,11 +164,6 @@ def _pipeline_problems(parallel: ParallelConfig, model: ModelConfig | None) -> l
             )
         elif parallel.pp_layers is not None:
             problems += check_explicit_split(parallel.pp_layers, model.n_layers, num_stages)
-        if model.tie_embeddings:
-            problems.append(
-                "model.tie_embeddings=true with pp > 1: the embedding and the head live on different stages; "
-                "untie them (model.tie_embeddings=false) or use pp=1"
-            )
     if parallel.loss_parallel:
         problems.append("parallel.loss_parallel=true is not supported with pp > 1 yet; set it to false")
     return problems

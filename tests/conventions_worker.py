@@ -206,6 +206,20 @@ def case_slow_validation(layout: dict[str, Any], out_dir: Path) -> dict[str, Any
     return {"steps": trainer.global_step, "val_ones": float(trainer.logged_metrics["val_ones"])}
 
 
+def case_tied(layout: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """An embedding tied to the head under pipeline parallel: each end's copy of the weight, after training."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    module = ToyLit(tied=True)
+    trainer_for(layout, out_dir, steps=3).fit(module, loader())
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    mine = {key.split(".")[-2]: value.detach().clone() for key, value in state.items() if key.endswith(("embed.weight", "head.weight"))}
+    copies: list[dict[str, Tensor]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(copies, mine)
+    found = {name: tensor for copy in copies for name, tensor in copy.items()}
+    return {"embed": found["embed"], "head": found["head"], "initial_std": 0.2}
+
+
 def case_bad_module(layout: dict[str, Any], out_dir: Path, module_kwargs: dict[str, Any]) -> dict[str, Any]:
     try:
         trainer_for(layout, out_dir, steps=1).fit(ToyLit(**module_kwargs), loader())
@@ -224,7 +238,7 @@ def main() -> None:
             if kind == "bad_module":
                 result = case_bad_module(layout, out_dir / name, case["module"])
             else:
-                result = {"logging": case_logging, "after_fit": case_after_fit, "slow_save": case_slow_save, "slow_validation": case_slow_validation}[kind](layout, out_dir / name)
+                result = {"logging": case_logging, "after_fit": case_after_fit, "tied": case_tied, "slow_save": case_slow_save, "slow_validation": case_slow_validation}[kind](layout, out_dir / name)
         except Exception as error:  # recorded, so the test shows what failed
             result = {"failed": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
             print(f"rank {os.environ['RANK']} case {name} failed:\n{result['traceback']}", file=sys.stderr, flush=True)

@@ -36,6 +36,10 @@ REFERENCE = {
     "llama_tied": {"options": {"arch": "llama", "tie_word_embeddings": True}, "validate": True, "weights": True},
     "llama_padded": {"options": {"arch": "llama"}, "padded": True},
     "gpt": {"module": "gpt", "weights": True},
+    # architectures beyond Llama and Qwen2
+    "qwen3": {"options": {"arch": "qwen3"}, "validate": True, "weights": True},
+    "mistral": {"options": {"arch": "mistral"}, "validate": True, "weights": True},
+    "gemma": {"options": {"arch": "gemma"}, "validate": True, "weights": True},
     "tutorial": {"module": "tutorial"},
 }
 
@@ -50,6 +54,9 @@ def _layouts(arch: str, layouts: dict[str, dict]) -> dict[str, dict]:
 TWO_RANKS = {
     **_layouts("llama", {"dp_shard2": {"dp_shard": 2}, "tp2": {"tp": 2}, "pp2": {"pp": 2, **PP}, "cp2": {"cp": 2}}),
     **_layouts("qwen2", {"dp_shard2": {"dp_shard": 2}, "tp2": {"tp": 2}, "pp2": {"pp": 2, **PP}, "cp2": {"cp": 2}}),
+    **_layouts("qwen3", {"tp2": {"tp": 2}, "pp2": {"pp": 2, **PP}, "cp2": {"cp": 2}}),
+    **_layouts("mistral", {"tp2": {"tp": 2}, "pp2": {"pp": 2, **PP}, "cp2": {"cp": 2}}),
+    **_layouts("gemma", {"tp2": {"tp": 2}, "pp2": {"pp": 2, **PP}, "cp2": {"cp": 2}}),
     "llama_tied_pp2": {"options": {"arch": "llama", "tie_word_embeddings": True}, "layout": {"pp": 2, **PP}, "validate": True, "reference": "llama_tied"},
     "llama_tied_tp2": {"options": {"arch": "llama", "tie_word_embeddings": True}, "layout": {"tp": 2}, "validate": True, "weights": True, "reference": "llama_tied"},
     # uneven numbers of scored tokens per rank: the loss stays the global token-weighted mean
@@ -72,6 +79,8 @@ TWO_RANKS = {
 FOUR_RANKS = {
     **_layouts("llama", {"dp_shard2_tp2": {"dp_shard": 2, "tp": 2}, "tp2_pp2": {"tp": 2, "pp": 2, **PP}}),
     **_layouts("qwen2", {"dp_shard2_tp2": {"dp_shard": 2, "tp": 2}, "tp2_pp2": {"tp": 2, "pp": 2, **PP}}),
+    **_layouts("llama", {"cp2_pp2": {"cp": 2, "pp": 2, **PP}, "cp2_tp2": {"cp": 2, "tp": 2}}),
+    "llama_padded_cp2_pp2": {"options": {"arch": "llama"}, "layout": {"cp": 2, "pp": 2, **PP}, "padded": True, "reference": "llama_padded"},
     "llama_tied_dp_shard2_pp2": {"options": {"arch": "llama", "tie_word_embeddings": True}, "layout": {"dp_shard": 2, "pp": 2, **PP}, "reference": "llama_tied"},
     # the same module, written for Lightning's ModelParallelStrategy, under ours and under Lightning's
     "tutorial_ours_dp2_tp2": {"module": "tutorial", "layout": {"dp_shard": 2, "tp": 2}, "reference": "tutorial"},
@@ -243,3 +252,19 @@ def test_initial_weights_follow_the_models_own_rule_per_name():
     assert torch.equal(q, draw("model.model.layers.1.self_attn.q_proj.weight", 7))  # a function of (name, seed)
     assert abs(q.std().item() - model.config.initializer_range) < 0.005  # the model's own normal(0, initializer_range)
     assert torch.equal(draw("model.model.norm.weight", 7), torch.ones(32))  # RMSNorm: ones
+
+
+def test_weights_loaded_in_configure_model_are_not_silently_redrawn(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(hf_config("llama")).save_pretrained(tmp_path)
+
+    class Pretrained(LitLM):
+        def configure_model(self):
+            self.model = AutoModelForCausalLM.from_pretrained(tmp_path)
+
+    module = Pretrained()
+    with meta_parameters():
+        module.configure_model()
+    derived = model_plan(module, ParallelConfig(), ParallelDims.from_config(ParallelConfig(), 1))
+    assert any("loaded from" in problem and str(tmp_path) in problem for problem in derived.problems), derived.problems

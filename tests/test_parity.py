@@ -57,6 +57,8 @@ TWO_RANKS = {
     "zbv_pp2": DEBUG + pp(2, "zbv", 2) + ["parallel.dp_shard=1"],
     "dualpipev_pp2": DEBUG + pp(2, "dualpipev", 2) + ["parallel.dp_shard=1"],
     "cp2_ring": DEBUG + ["parallel.cp=2", "parallel.dp_shard=1"],
+    # the tied embedding and head on different stages: one copy each, gradients summed between them
+    "1f1b_pp2_tied": DEBUG + TIED + pp(2, "1f1b") + ["parallel.dp_shard=1"],
     "cp2_allgather": DEBUG + ["parallel.cp=2", "parallel.dp_shard=1", "parallel.cp_backend=allgather"],
     "dp_shard2_bf16_mixed": DEBUG + ["parallel.dp_shard=2", "trainer.precision=bf16-mixed"],
     "tp2_bf16_true": DEBUG + ["parallel.tp=2", "trainer.precision=bf16-true"],
@@ -336,8 +338,8 @@ def test_two_node_loopback_parity(reference, two_nodes):
 
 
 
-def test_tied_weights_stay_tied(reference, four_ranks):
-    for result in (reference["single_tied"], four_ranks["dp_shard2_tp2_tied"]):
+def test_tied_weights_stay_tied(reference, two_ranks, four_ranks):
+    for result in (reference["single_tied"], two_ranks["1f1b_pp2_tied"], four_ranks["dp_shard2_tp2_tied"]):
         assert torch.equal(result["weights"]["output.weight"], result["weights"]["tok_embeddings.weight"])
 
 

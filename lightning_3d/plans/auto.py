@@ -27,7 +27,14 @@ from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.materialize import InitFn, owner_init
 from lightning_3d.plans.base import ParallelPlan
-from lightning_3d.plans.hf import context_parallel_problems, find_hf_root, hf_plan, hf_shape_problems, init_rule
+from lightning_3d.plans.hf import (
+    context_parallel_problems,
+    find_hf_root,
+    hf_plan,
+    hf_shape_problems,
+    init_rule,
+    pipeline_problems,
+)
 
 
 @dataclass
@@ -95,8 +102,22 @@ def model_plan(module: nn.Module, parallel: ParallelConfig, dims: ParallelDims) 
                 return _generic(module, dims, own_init)
             raise
         problems = hf_shape_problems(model, dims.tp, plan)
+        source = getattr(model.config, "_name_or_path", "")
+        if source and own_init is None:
+            problems.append(
+                f"{type(model).__name__} was loaded from {source!r} (from_pretrained) in configure_model(), where the strategy "
+                "creates parameters on the meta device and draws them fresh: the loaded weights would be lost. Build it "
+                "with AutoModelForCausalLM.from_config(config)"
+            )
+        if parallel.loss_parallel and dims.tp > 1:
+            problems.append(
+                f"parallel.loss_parallel=true: {type(model).__name__}'s plan gathers the logits (its head is "
+                "colwise_gather_output), so there are no vocab-sharded logits to compute the loss on; set it to false"
+            )
         if dims.cp > 1:
             problems += context_parallel_problems(model, dims.cp)
+        if dims.pp > 1:
+            problems += pipeline_problems(model, dims.pp)
         return ModelPlan("transformers", plan, own_init or owner_init(model, root, init_rule(model)), problems)
     return _generic(module, dims, own_init)
 

@@ -16,8 +16,9 @@ class ParallelPlan:
         root: the attribute of the LightningModule that holds the model its steps call
             (``self.model`` → ``"model"``). Every other name below is relative to it, so the
             plan applies unchanged to each pipeline stage cut from the model.
-        blocks: the ``nn.ModuleDict`` (keys kept when stages drop blocks) of repeated
-            transformer blocks; each block becomes one FSDP unit and gets ``block_tp``.
+        blocks: the ``nn.ModuleList`` or ``nn.ModuleDict`` of repeated transformer blocks
+            (a pipeline stage keeps its blocks under their original indices or keys); each
+            block becomes one FSDP unit and gets ``block_tp``.
         block_tp: tensor-parallel style of each module inside a block, by name relative
             to the block (e.g. ``{"attention.wq": ColwiseParallel()}``).
         top_tp: tensor-parallel styles of modules outside the blocks (embedding, final
@@ -35,8 +36,9 @@ class ParallelPlan:
         pipeline_loss: ``(last stage, logits, labels, shifted) -> token-loss sum``: the
             model's own loss under pipeline parallel, for modules whose training_step calls
             the model with labels; None: summed cross entropy of already shifted labels.
-        shifts_labels: the model shifts labels inside (transformers convention); context
-            parallel then shifts them before the sequence is cut.
+        shifts_labels: the model shifts labels inside (transformers convention): the pipeline
+            loss counts the tokens after the shift, and under context parallel the labels a
+            pipelined or transformers model is called with are shifted before the cut.
         random_free_blocks: the blocks draw no random numbers (no dropout) in training, so
             activation checkpointing may skip saving and restoring the RNG state around each
             block's recomputation. Leave False when unsure: a wrong True gives wrong gradients.

@@ -194,6 +194,19 @@ def context_parallel_problems(model: nn.Module, cp: int) -> list[str]:
     return problems
 
 
+def pipeline_problems(model: nn.Module, pp: int) -> list[str]:
+    """What a pipeline stage of this model cannot reproduce."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if len(set(layer_types)) > 1:
+        # the base model looks a layer's attention kind up by its position in the stage, not its index
+        return [
+            f"{type(model).__name__}: layers of different attention kinds ({sorted(set(layer_types))}) cannot be cut "
+            f"into pipeline stages (pp={pp}); use pp=1"
+        ]
+    return []
+
+
 # ----------------------------------------------------------------------------- pipeline stages
 
 

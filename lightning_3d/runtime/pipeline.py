@@ -32,6 +32,7 @@ from lightning_3d.config import ParallelConfig
 from lightning_3d.errors import ConfigError
 from lightning_3d.loss import count_tokens, sum_over
 from lightning_3d.parallel.materialize import canonical_name, join_name
+from lightning_3d.parallel.model_call import ShiftedLabels
 from lightning_3d.parallel.pipeline_parallel import (
     PipelineLoss,
     build_schedules,
@@ -122,7 +123,8 @@ class PipelineRunner:
         self.device = device
         self.plan = plan or ParallelPlan(root="", blocks="")
         self.tied, self.tied_group = tied or [], tied_group
-        self.labels_shifted = False  # set by the strategy: context parallel shifted them before the cut
+        # set by the strategy under context parallel for a model that shifts labels inside
+        self.shifted_labels: Optional[ShiftedLabels] = None
         self._step: Optional[tuple[pl.LightningModule, str, int]] = None
         self._calls = 0
 
@@ -183,7 +185,9 @@ class PipelineRunner:
 
     def _run(self, module: "pl.LightningModule", inputs: Tensor, labels: Tensor, stage: str, batch_idx: int) -> tuple[Tensor, Tensor]:
         loss_mesh = self.meshes["loss"]
-        shifted = self.labels_shifted
+        shifted = self.shifted_labels is not None
+        if shifted:  # the cut labels' twin, shifted before the cut (the next token may be on another rank)
+            labels = self.shifted_labels.shifted(labels)
         local_tokens = count_shifted_tokens(labels, shifted) if self.plan.shifts_labels else count_tokens(labels)
         tokens = sum_over(local_tokens, loss_mesh)
         trainer = module.trainer
