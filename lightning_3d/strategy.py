@@ -47,10 +47,10 @@ from lightning_3d.parallel.tied import tied_aliases
 from lightning_3d.plans.auto import model_plan
 from lightning_3d.runtime import (
     Checkpointer,
-    PipelinedModel,
     Collectives,
     FaultMonitor,
     Parallelized,
+    PipelinedModel,
     PipelineRunner,
     StepGuard,
     layout_of,

@@ -213,7 +213,7 @@ def loader(batch_size: int = BATCH, batches: int = 4, padded: bool = False) -> D
     if padded:  # uneven numbers of scored tokens per sequence
         for row in range(labels.shape[0]):
             labels[row, SEQ - 1 - row % (SEQ // 2) :] = -100
-    return DataLoader([{"input_ids": t, "labels": l} for t, l in zip(tokens, labels)], batch_size=batch_size)
+    return DataLoader([{"input_ids": t, "labels": y} for t, y in zip(tokens, labels)], batch_size=batch_size)
 
 
 class LossRecorder(L.Callback):
@@ -267,7 +267,32 @@ def run(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         result["val_loss"] = float(logged[0]["val_loss"])
     if case.get("weights"):
         result["weights"] = full_weights(module)
+    if "reshard_to" in case:
+        result.update(reshard(case, module, trainer, out_dir))
     return result
+
+
+def all_full_weights(module: L.LightningModule) -> dict[str, Tensor]:
+    """The whole model's weights under their unsplit names, from every pipeline stage."""
+    parts: list[dict[str, Tensor]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, full_weights(module))
+    return {name: tensor for part in parts for name, tensor in part.items()}
+
+
+def reshard(case: dict[str, Any], module: L.LightningModule, trainer: L.Trainer, out_dir: Path) -> dict[str, Any]:
+    """Save a checkpoint, load it into a new module under another layout (no further step): same weights."""
+    saved = all_full_weights(module)
+    checkpoint = out_dir / "checkpoint"
+    trainer.save_checkpoint(checkpoint)
+    resumed = _module(case.get("module", "hf"), case.get("options", {}))
+    second = L.Trainer(
+        accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=ModelParallel4DStrategy(**case["reshard_to"]),
+        max_steps=trainer.global_step, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(out_dir),
+    )
+    second.fit(resumed, loader(), ckpt_path=checkpoint)
+    loaded = all_full_weights(resumed)
+    return {"saved_names": sorted(saved), "loaded_names": sorted(loaded), "max_difference": max((saved[k] - loaded[k]).abs().max().item() for k in saved)}
 
 
 def rank() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_worker import VOCAB, GPT, LitLM, hf_config
+from hf_worker import GPT, VOCAB, LitLM, hf_config
 from test_parity import _torchrun
 from torch import nn
 
@@ -73,6 +73,9 @@ TWO_RANKS = {
         "layout": {"tp": 2},
         "error": "style 'packed_colwise' for 'layers.*.mlp.gate_proj'",
     },
+    # a checkpoint written under one layout loads under another: the same weights, names unchanged
+    "llama_tied_reshard_pp2_to_tp2": {"options": {"arch": "llama", "tie_word_embeddings": True}, "layout": {"pp": 2, **PP}, "reshard_to": {"tp": 2}, "steps": 2},
+    "qwen2_reshard_tp2_to_cp2": {"options": {"arch": "qwen2"}, "layout": {"tp": 2}, "reshard_to": {"cp": 2}, "steps": 2},
     "bad_blocks_pp2": {"options": {"arch": "llama", "num_hidden_layers": 1}, "layout": {"pp": 2, **PP}, "error": "2 stages, more than the 1 blocks"},
 }
 
@@ -170,6 +173,13 @@ def test_bad_input_is_a_clear_error(case, two_ranks):
     result = two_ranks[case]
     assert result.get("type") == "ConfigError", result.get("traceback")
     assert re.search(TWO_RANKS[case]["error"], result["failed"]), result["failed"]
+
+
+@pytest.mark.parametrize("case", [name for name, case in TWO_RANKS.items() if "reshard_to" in case])
+def test_checkpoint_moves_between_layouts(case, two_ranks):
+    result = _ok(two_ranks[case])
+    assert result["saved_names"] == result["loaded_names"] and "model.model.layers.3.mlp.up_proj.weight" in result["saved_names"]
+    assert result["max_difference"] == 0.0
 
 
 # ----------------------------------------------------------------------------- derived plans, no processes

@@ -132,6 +132,12 @@ def hf_plan(model: nn.Module, root: str, tp: int) -> ParallelPlan:
                 block_tp[name.removeprefix(block_key)] = _style(name, style, model)
             else:
                 top_tp[prefix + name] = _style(name, style, model)
+        # per-head norms see this rank's heads only; plans of older transformers leave them out
+        first_block = next(iter(model.get_submodule(blocks).children()))
+        for name, _ in first_block.named_modules():
+            attention, _, leaf = name.rpartition(".")
+            if leaf in ("q_norm", "k_norm") and f"{attention}.q_proj" in block_tp and name not in block_tp:
+                block_tp[name] = _style(name, "replicated_with_grad_allreduce", model)
         # a head tied to the embedding stays whole: a sharded tied weight would shard the embedding too
         if not tied_to_input(model):
             for name, style in (getattr(type(model), "_tp_plan", None) or {}).items():
