@@ -15,6 +15,7 @@ applies the final norm and the head. The loss is the model's own ``loss_function
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -203,14 +204,27 @@ def context_parallel_problems(model: nn.Module, cp: int) -> list[str]:
 def pipeline_problems(model: nn.Module, pp: int) -> list[str]:
     """What a pipeline stage of this model cannot reproduce."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    problems = []
     layer_types = list(getattr(config, "layer_types", None) or [])
     if len(set(layer_types)) > 1:
         # the base model looks a layer's attention kind up by its position in the stage, not its index
-        return [
+        problems.append(
             f"{type(model).__name__}: layers of different attention kinds ({sorted(set(layer_types))}) cannot be cut "
             f"into pipeline stages (pp={pp}); use pp=1"
-        ]
-    return []
+        )
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        source = ""
+    if "* normalizer" in source:
+        # Gemma before transformers 5 scales the embeddings inside the base model's forward, which a
+        # later stage (given the previous stage's hidden states as inputs_embeds) would do again
+        problems.append(
+            f"{type(model).__name__} scales inputs_embeds inside {type(base).__name__}.forward, so a later pipeline stage "
+            f"would scale its input again (pp={pp}); use pp=1 or transformers >= 5"
+        )
+    return problems
 
 
 # ----------------------------------------------------------------------------- pipeline stages
