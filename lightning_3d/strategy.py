@@ -41,8 +41,6 @@ from lightning_3d.launcher import SubprocessLauncher
 from lightning_3d.parallel import parallelize
 from lightning_3d.parallel.context_parallel import shard_batch
 from lightning_3d.parallel.materialize import meta_parameters
-from lightning_3d.parallel.model_call import ModelCallHook, ShiftedLabels
-from lightning_3d.parallel.pipeline_parallel import stages_of_rank
 from lightning_3d.parallel.tied import tied_aliases
 from lightning_3d.plans.auto import model_plan
 from lightning_3d.runtime import (
@@ -51,12 +49,10 @@ from lightning_3d.runtime import (
     FaultMonitor,
     Parallelized,
     PipelinedModel,
-    PipelineRunner,
     StepGuard,
     layout_of,
     parallelized,
-    tied_stage_group,
-    tied_stage_weights,
+    wire_model_call,
 )
 from lightning_3d.validation import check_strategy, module_problems, raise_problems, self_parallelized_problems
 
@@ -83,9 +79,11 @@ class ModelParallel4DStrategy(ParallelStrategy):
         max_skipped: with ``"skip"``, the number of skipped steps in a row tolerated.
 
     The LightningModule creates its model in ``configure_model()`` (parameters on the meta
-    device), returns a :class:`ParallelPlan` from ``parallel_plan(parallel_config)`` and
-    fills full parameter tensors in ``init_parameter(name, tensor, generator)``; see
-    docs/your-model.md.
+    device). The plan is derived from the model (a transformers model's declared plans, or
+    data parallel over the repeated blocks of any other model); a module may return its own
+    :class:`ParallelPlan` from ``parallel_plan(parallel_config)`` and fill full parameter
+    tensors in ``init_parameter(name, tensor, generator)``, or parallelize itself with
+    ``self.device_mesh`` as under Lightning's ``ModelParallelStrategy``; see docs/your-model.md.
     """
 
     strategy_name = "4d"
@@ -279,20 +277,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             init_fn=derived.init_fn, seed=self.init_seed, perf=self.perf,
             stage_list=PipelinedModel if calls_model else torch.nn.ModuleList,
         )
-        if self.dims.cp > 1 and plan.shifts_labels:
-            state.shifted_labels = ShiftedLabels(state.meshes["cp"].get_local_rank(), self.dims.cp)
-        if self.dims.pp > 1:
-            tied = tied_stage_weights(state.stages, plan.root, aliases)
-            stage_ranks = [rank for rank in range(self.dims.pp) if {0, self.dims.pp * self.parallel.stages_per_rank - 1} & set(
-                stages_of_rank(rank, self.dims.pp, self.parallel.stages_per_rank, self.parallel.pp_schedule))]
-            group = tied_stage_group(state.mesh, stage_ranks[0], stage_ranks[-1]) if aliases else None
-            state.pipeline = PipelineRunner(state.stages, self.parallel, state.meshes, self.root_device, plan, tied, group)
-            state.pipeline.shifted_labels = state.shifted_labels
-            if calls_model:
-                module.get_submodule(plan.root).runner = state.pipeline
-        elif derived.kind == "transformers":
-            hook = ModelCallHook(state.meshes["loss"], state.meshes["cp"].get_local_rank(), self.dims.cp, state.shifted_labels)
-            module.get_submodule(plan.root).register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+        wire_model_call(module, state, plan, self.parallel, self.root_device, aliases, hook=derived.kind == "transformers")
         state.attach(module)
 
     @override

@@ -10,7 +10,7 @@
 
 from lightning_3d.runtime.checkpointer import Checkpointer, layout_of
 from lightning_3d.runtime.faults import FaultMonitor
-from lightning_3d.runtime.parallelized import Parallelized, parallelized
+from lightning_3d.runtime.parallelized import Parallelized, parallelized, wire_model_call
 from lightning_3d.runtime.pipeline import PipelinedModel, PipelineRunner, tied_stage_group, tied_stage_weights
 from lightning_3d.runtime.step_guard import StepGuard
 from lightning_3d.runtime.sync import Collectives
@@ -27,4 +27,5 @@ __all__ = [
     "parallelized",
     "tied_stage_group",
     "tied_stage_weights",
+    "wire_model_call",
 ]
