@@ -21,6 +21,8 @@ from torch._C._distributed_c10d import _resolve_process_group
 from torch.distributed._composable.replicate_with_fsdp import replicate
 # torch ≥ 2.1: the autograd-aware all-gather the all-gather context-parallel backend uses
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
+# torch ≥ 2.4: which block of the global tensor a DTensor's local shard is (pretrained weights read only it)
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 # torch ≥ 2.0: wraps a block in torch.utils.checkpoint (activation checkpointing), keeping parameter names
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 # torch ≥ 2.6: pipeline schedule internals — the lowered action table of runtime schedules (forward-only pass)

@@ -34,6 +34,10 @@ class ModelConfig:
     # start from these weights instead of random ones: a .safetensors file or a folder of them,
     # as written by `python -m lightning_3d.export`, or a Hugging Face Llama checkpoint
     init_from: Optional[str] = None
+    # a local Hugging Face model folder (config.json + safetensors) to fine-tune: the fields
+    # above are then read from its config.json (model=hf, which sets source=hf)
+    path: Optional[str] = None
+    source: str = "reference"  # reference | hf
 
     @property
     def kv_heads(self) -> int:

@@ -39,7 +39,10 @@ from lightning_3d.errors import ConfigError
 from lightning_3d.flops import flops_per_token
 from lightning_3d.health import summary
 from lightning_3d.models.llama import PretrainedWeights, Transformer
+from lightning_3d.models.hf import HFCausalLM
 from lightning_3d.module import CausalLM
+from lightning_3d.plans.hf import context_parallel_problems, hf_plan, hf_shape_problems, pipeline_problems
+from lightning_3d.pretrained import HFFolder, model_config_of
 from lightning_3d.nonfinite import NonFiniteError, policy_problems
 from lightning_3d.strategy import ModelParallel4DStrategy
 from lightning_3d.validation import (
@@ -153,6 +156,17 @@ def preflight(config: Config, hardware: Optional[Hardware] = None) -> ParallelDi
     options; the data files and the weights to start from. Raises ``ValueError`` listing every
     problem, each with its numbers and a fix."""
     problems = trainer_problems(config.trainer, hardware)
+    if config.model.source not in ("reference", "hf"):
+        problems.append(f"model.source={config.model.source!r} must be 'reference' or 'hf'")
+    if config.model.source == "hf" and not config.model.path:
+        problems.append("model=hf needs the model folder: model.path=/path/to/folder (config.json + safetensors)")
+    if config.model.path:
+        try:
+            folder_problems = use_model_folder(config)
+        except ValueError as error:
+            folder_problems = [str(error)]
+        if folder_problems:  # every other check needs the folder's shapes
+            raise_problems(problems + folder_problems)
     dims = None
     try:
         world_size: Optional[int] = world_size_of(config)
@@ -178,6 +192,25 @@ def preflight(config: Config, hardware: Optional[Hardware] = None) -> ParallelDi
     return dims
 
 
+def use_model_folder(config: Config) -> list[str]:
+    """``model=hf``: the model's shapes come from the folder's ``config.json``, and text is
+    tokenized with the folder's own tokenizer unless the data config names another one.
+    Returns what the layout asks of the model that it cannot give."""
+    folder = HFFolder(config.model.path)
+    if config.model.init_from:
+        raise ConfigError(f"model.path={config.model.path} is the starting point; model.init_from={config.model.init_from} cannot be used with it")
+    config.model = model_config_of(folder, config.model)
+    # the plan the strategy will derive, and what the layout asks of the model, before any process starts
+    model = folder.meta_model()
+    plan = hf_plan(model, "model", config.parallel.tp) if (config.parallel.tp, config.parallel.pp, config.parallel.cp) != (1, 1, 1) else None
+    problems = hf_shape_problems(model, config.parallel.tp, plan) if plan is not None else []
+    problems += context_parallel_problems(model, config.parallel.cp) if config.parallel.cp > 1 else []
+    problems += pipeline_problems(model, config.parallel.pp) if config.parallel.pp > 1 else []
+    if config.data.tokenizer == "byte" and (folder.path / "tokenizer.json").is_file():
+        config.data.tokenizer = str(folder.path)
+    return problems
+
+
 def checkpoint_callback(config: Config) -> Optional[StepCheckpoint]:
     ckpt = config.checkpoint
     StepCheckpoint.check_options(ckpt.every_n_steps, ckpt.keep_last)
@@ -201,7 +234,7 @@ def check_resume(config: Config) -> None:
         raise_if_problems(f"resume={path} does not fit model config", fit_problems(path, shapes))
 
 
-def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L.Trainer, CausalLM, TextDataModule]:
+def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L.Trainer, L.LightningModule, TextDataModule]:
     """Everything a run needs, checked up front (:func:`preflight`); shared by the CLI and the tests."""
     preflight(config)
     checkpointing = checkpoint_callback(config)
@@ -247,7 +280,7 @@ def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L
         ],
         default_root_dir=str(run_dir),
     )
-    model = CausalLM(config.model, config.optim)
+    model = HFCausalLM(config.model.path, config.optim) if config.model.path else CausalLM(config.model, config.optim)
     datamodule = TextDataModule(config.data, vocab_size=config.model.vocab_size, seed=config.seed)
     return trainer, model, datamodule
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_3d.strategy import ModelParallel4DStrategy
 
@@ -305,7 +305,7 @@ def main() -> None:
     barrier_group = None
     for name, case in cases.items():
         try:
-            result = run(case, out_dir / name)
+            result = (roundtrip if case.get("kind") == "roundtrip" else run)(case, out_dir / name)
         except Exception as error:  # recorded, so the test shows what failed
             result = {"failed": f"{type(error).__name__}: {error}", "type": type(error).__name__, "traceback": traceback.format_exc()}
             print(f"rank {rank()} case {name} failed:\n{result['traceback']}", file=sys.stderr, flush=True)
@@ -316,6 +316,84 @@ def main() -> None:
             dist.barrier(group=barrier_group)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- pretrained folders
+
+
+def _pretrained_batches(vocab: int, batches: int, batch_size: int) -> list[dict[str, Tensor]]:
+    """Pre-shifted samples, as the project's data pipeline gives them to HFCausalLM."""
+    tokens = torch.randint(0, vocab, (batches * batch_size, SEQ + 1), generator=torch.Generator().manual_seed(2))
+    return [{"input_ids": t[:-1], "labels": t[1:]} for t in tokens]
+
+
+def _hf_loss(model: nn.Module, batch: dict[str, Tensor]) -> float:
+    logits = model(input_ids=batch["input_ids"]).logits.float()
+    return float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()))
+
+
+def roundtrip(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Load a saved folder under a layout, compare with transformers, train, export, reload."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_3d.config import OptimConfig
+    from lightning_3d.export import export
+    from lightning_3d.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    folder, layout, steps = case["folder"], case["layout"], case.get("steps", 3)
+    world = int(os.environ["WORLD_SIZE"])
+    dp = world // (layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1))
+    module = HFCausalLM(folder, OptimConfig(lr=1e-3, warmup_steps=1, weight_decay=0.0))
+    vocab = module.folder.config.vocab_size
+    samples = _pretrained_batches(vocab, steps, BATCH)
+    fixed = {key: torch.stack([s[key] for s in samples[:BATCH]]) for key in ("input_ids", "labels")}  # global batch 0
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    pipelined = layout.get("pp", 1) > 1
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        result["reference_logits"] = reference(input_ids=fixed["input_ids"]).logits
+        result["reference_loss"] = _hf_loss(reference, fixed)
+
+    class FirstLogits(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not pipelined:
+                with torch.no_grad():
+                    result["loaded_logits"] = pl_module.model(input_ids=fixed["input_ids"]).logits.detach().clone()
+
+    recorder = LossRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=ModelParallel4DStrategy(**layout), max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[recorder, FirstLogits()], default_root_dir=str(out_dir),
+    )
+    # in order (Lightning would shuffle a training loader it shards), so that batch 0 is `fixed`
+    dp_rank = (rank() // (layout.get("cp", 1) * layout.get("tp", 1))) % dp
+
+    def in_order(data: list) -> DataLoader:
+        return DataLoader(data, batch_size=BATCH // dp, sampler=DistributedSampler(data, num_replicas=dp, rank=dp_rank, shuffle=False))
+
+    trainer.fit(module, in_order(samples))
+    result["losses"] = recorder.losses
+    if pipelined:  # the model call gives the loss only: compare losses of the fixed batch
+        logged = trainer.validate(module, in_order(samples[:BATCH]), verbose=False)
+        result["trained_loss"] = float(logged[0]["val_loss"])
+    else:
+        with torch.no_grad():
+            result["trained_logits"] = module.model(input_ids=fixed["input_ids"]).logits.detach().clone()
+    checkpoint = out_dir / "checkpoint"
+    trainer.save_checkpoint(checkpoint)
+    dist.barrier()
+    if rank() == 0:
+        exported = out_dir / "exported"
+        export(checkpoint, exported, max_shard_mb=case.get("max_shard_mb", 2000))
+        result["exported_files"] = sorted(p.name for p in exported.iterdir())
+        reloaded = AutoModelForCausalLM.from_pretrained(exported).eval()
+        with torch.no_grad():
+            result["exported_logits"] = reloaded(input_ids=fixed["input_ids"]).logits
+            result["exported_loss"] = _hf_loss(reloaded, fixed)
+    dist.barrier()
+    return result
 
 
 if __name__ == "__main__":

@@ -29,6 +29,14 @@ RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
 GROUPS = sorted({path.parent.name for path in GROUP_FILES})
 
 
+# values a config needs from the command line, given as a user would
+MANDATORY = {"model/hf": ["model.path=/models/example"], "recipe/finetune": ["model.path=/models/example"]}
+
+
+def _mandatory(path: Path) -> list[str]:
+    return MANDATORY.get(f"{path.parent.name}/{path.stem}", [])
+
+
 def compose(*overrides: str) -> DictConfig:
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra.compose(config_name="config", overrides=[*overrides, "run_dir=/tmp/x"])
@@ -67,18 +75,20 @@ def test_a_recipe_without_the_global_header_fails_before_hydra(tmp_path: Path, m
 def test_every_group_option_composes_and_converts(path: Path) -> None:
     group = path.parent.name
     # without the default recipe, the option's own values must come through untouched
-    config = load(f"{group}={path.stem}", "~recipe")
+    config = load(f"{group}={path.stem}", "~recipe", *_mandatory(path))
     assert isinstance(config, Config)
     section = asdict(config)[group]
     expected = OmegaConf.to_container(OmegaConf.load(path))
     assert expected, f"{path} sets nothing"
+    given = {override.partition("=")[0] for override in _mandatory(path)}
     for key, value in expected.items():
-        assert section[key] == value, f"{group}.{key}"
+        if f"{group}.{key}" not in given:
+            assert section[key] == value, f"{group}.{key}"
 
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_group_option_composes_under_the_default_recipe(path: Path) -> None:
-    config = load(f"{path.parent.name}={path.stem}")
+    config = load(f"{path.parent.name}={path.stem}", *_mandatory(path))
     assert isinstance(config, Config)
     assert config.run_dir == "/tmp/x"
 
@@ -93,7 +103,7 @@ def test_recipe_file_is_global(path: Path) -> None:
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
 def test_every_recipe_composes_and_validates_on_its_world_size(path: Path) -> None:
-    config = load(f"recipe={path.stem}")
+    config = load(f"recipe={path.stem}", *_mandatory(path))
     world_size = world_size_of(config)  # devices × nodes: a GPU recipe is checked on its own cluster
     dims = check_layout(
         config.parallel, world_size, config.model, config.data, config.trainer.accumulate_grad_batches
@@ -108,6 +118,11 @@ def test_every_recipe_composes_and_validates_on_its_world_size(path: Path) -> No
     for group, values in recipe.items():
         for key, value in values.items():
             assert converted[group][key] == value, f"{path.stem}: {group}.{key}"
+
+
+def test_a_model_folder_left_unnamed_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"model=hf needs the model folder: model\.path="):
+        train.preflight(load("recipe=finetune"))
 
 
 def test_default_is_the_tiny_recipe() -> None:

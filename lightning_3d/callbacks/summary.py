@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class RunSummary(Callback):
             else "train_loss: not logged",
         ]
         if "val_loss" in metrics:
-            lines.append(f"val_loss: {float(metrics['val_loss']):.4f}  val_ppl: {float(metrics['val_ppl']):.2f}")
+            val_loss = float(metrics["val_loss"])
+            lines.append(f"val_loss: {val_loss:.4f}  val_ppl: {math.exp(min(val_loss, 80.0)):.2f}")
         lines.append(f"outputs: {self.run_dir.resolve()} (metrics.csv, .hydra/)")
         rank_zero_info("\n".join(["", "== run summary ==", *lines]))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lightning_3d.compat import compute_local_shape_and_global_offset
 from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.tied import retie, tied_parameter_names
 
@@ -155,8 +156,15 @@ def materialize(
         if id(buffer) not in moved:
             moved[id(buffer)] = buffer.to(device)
         setattr(model.get_submodule(owner), attr, moved[id(buffer)])  # keeps it (non-)persistent
+    read_shard = getattr(init_fn, "read_shard", None)  # weights from files: read only this rank's slice
     for name, param in model.named_parameters():
         name = join_name(prefix, canonical_name(name))
+        if read_shard is not None and isinstance(param, DTensor):
+            local = param.to_local()
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            if tuple(shape) == tuple(local.shape):
+                local.copy_(read_shard(name, tuple(slice(o, o + n) for o, n in zip(offset, shape))).to(local.dtype))
+                continue
         name = (aliases or {}).get(name, name)
         generator = torch.Generator(device=device).manual_seed(_name_seed(seed, name))
         full = torch.empty(param.shape, dtype=torch.float32, device=device)

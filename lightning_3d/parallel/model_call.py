@@ -72,7 +72,8 @@ class ModelCallHook:
 
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         labels = kwargs.get("labels")
-        shifted = False
+        # labels the caller shifted already (shift_labels) are cut like input_ids: they stay right under cp
+        shifted = kwargs.get("shift_labels") is not None
         if self.cp > 1:
             tokens_in = _first_tensor(args, kwargs)
             mask = kwargs.get("attention_mask")
@@ -81,7 +82,7 @@ class ModelCallHook:
             kwargs["attention_mask"] = None
             if kwargs.get("position_ids") is None and tokens_in is not None:
                 kwargs["position_ids"] = balanced_positions(tokens_in.shape[1], self.cp_rank, self.cp, tokens_in.device)
-            if labels is not None and kwargs.get("shift_labels") is None:
+            if labels is not None and not shifted:
                 kwargs["shift_labels"] = self.shifted_labels.shifted(labels)
                 shifted = True
         if labels is not None and kwargs.get("num_items_in_batch") is None:

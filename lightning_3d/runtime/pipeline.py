@@ -73,7 +73,8 @@ class PipelinedModel(nn.ModuleList):
     def forward(self, input_ids: Optional[Tensor] = None, *args: Any, labels: Optional[Tensor] = None, **kwargs: Any) -> PipelineOutput:
         if self.runner is None:
             raise RuntimeError("the pipelined model is called before the strategy set it up")
-        return self.runner.call(input_ids, labels, args, kwargs)
+        shift_labels = kwargs.pop("shift_labels", None)  # labels the caller shifted already
+        return self.runner.call(input_ids, shift_labels if shift_labels is not None else labels, args, kwargs, shift_labels is not None)
 
 
 # model-call arguments that change nothing under pipeline parallel when left at these values
@@ -148,7 +149,9 @@ class PipelineRunner:
                 "loss: call `self.<model>(input_ids=..., labels=...)` once per step and return its `.loss`"
             )
 
-    def call(self, input_ids: Optional[Tensor], labels: Optional[Tensor], args: tuple, kwargs: dict[str, Any]) -> PipelineOutput:
+    def call(
+        self, input_ids: Optional[Tensor], labels: Optional[Tensor], args: tuple, kwargs: dict[str, Any], preshifted: bool = False
+    ) -> PipelineOutput:
         if self._step is None:
             raise ConfigError(
                 "pipeline parallel: the model was called outside training_step / validation_step / test_step; "
@@ -172,7 +175,7 @@ class PipelineRunner:
         if self._calls:
             raise ConfigError(f"pipeline parallel: {name} called its model twice in one step; under pp it runs once per step")
         self._calls += 1
-        return PipelineOutput(self._run(module, input_ids, labels, stage, batch_idx)[0])
+        return PipelineOutput(self._run(module, input_ids, labels, stage, batch_idx, preshifted)[0])
 
     # ------------------------------------------------------------------ the strategy runs the schedule itself
     def step(self, module: "pl.LightningModule", batch: Any, batch_idx: int, stage: str) -> Tensor:
@@ -183,10 +186,13 @@ class PipelineRunner:
         module.record_loss(stage, global_loss, tokens)
         return global_loss
 
-    def _run(self, module: "pl.LightningModule", inputs: Tensor, labels: Tensor, stage: str, batch_idx: int) -> tuple[Tensor, Tensor]:
+    def _run(
+        self, module: "pl.LightningModule", inputs: Tensor, labels: Tensor, stage: str, batch_idx: int, preshifted: bool = False
+    ) -> tuple[Tensor, Tensor]:
         loss_mesh = self.meshes["loss"]
-        shifted = self.shifted_labels is not None
-        if shifted:  # the cut labels' twin, shifted before the cut (the next token may be on another rank)
+        shifted = preshifted or self.shifted_labels is not None
+        if not preshifted and self.shifted_labels is not None:
+            # the cut labels' twin, shifted before the cut (the next token may be on another rank)
             labels = self.shifted_labels.shifted(labels)
         local_tokens = count_shifted_tokens(labels, shifted) if self.plan.shifts_labels else count_tokens(labels)
         tokens = sum_over(local_tokens, loss_mesh)

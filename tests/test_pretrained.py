@@ -1,0 +1,168 @@
+"""Pretrained Hugging Face folders: sharded load under any layout, training, export, reload.
+
+Tiny random Llama / Qwen2 models are saved with ``save_pretrained`` (nothing is downloaded),
+loaded by HFCausalLM under dp_shard=2 × tp=2 and under pp=2 (× dp_shard=2) in one group of
+4 ranks (real gloo), trained 3 steps, exported with ``lightning_3d.export`` and reloaded with
+``AutoModelForCausalLM.from_pretrained``. The bad-input cases run without processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hf_worker import hf_config
+from test_parity import _torchrun
+
+from lightning_3d.errors import ConfigError
+from lightning_3d.pretrained import HFFolder
+
+WORKER = Path(__file__).with_name("hf_worker.py")
+PP = {"pp_schedule": "1f1b", "microbatches": 2}
+LOGITS_ATOL = 1e-5
+
+
+def save_model(folder: Path, arch: str, shard: bool = False, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, **overrides))
+    model.save_pretrained(folder, max_shard_size="40KB" if shard else "1GB")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pretrained_models")
+    return {
+        "llama": save_model(root / "llama", "llama", shard=True),
+        "qwen2": save_model(root / "qwen2", "qwen2"),
+        "llama_tied": save_model(root / "llama_tied", "llama", tie_word_embeddings=True),
+    }
+
+
+LAYOUTS = {"dp_shard2_tp2": {"dp_shard": 2, "tp": 2}, "dp_shard2_pp2": {"dp_shard": 2, "pp": 2, **PP}}
+CASES = {
+    **{f"{model}_{name}": (model, layout) for model in ("llama", "qwen2") for name, layout in LAYOUTS.items()},
+    "llama_tied_dp_shard2_pp2": ("llama_tied", LAYOUTS["dp_shard2_pp2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def roundtrips(folders, tmp_path_factory) -> dict[str, dict]:
+    out_dir = tmp_path_factory.mktemp("roundtrip")
+    cases = {
+        name: {"kind": "roundtrip", "folder": str(folders[model]), "layout": layout, "max_shard_mb": 0.05 if model == "qwen2" else 2000}
+        for name, (model, layout) in CASES.items()
+    }
+    _torchrun(4, cases, out_dir, worker=WORKER)
+    return {name: torch.load(out_dir / f"{name}.pt", weights_only=False) for name in cases}
+
+
+def _ok(result: dict) -> dict:
+    assert "failed" not in result, result.get("traceback")
+    return result
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_roundtrip(case, roundtrips):
+    result = _ok(roundtrips[case])
+    # the first step's loss is the transformers model's own on the same global batch
+    assert math.isclose(result["losses"][0], result["reference_loss"], rel_tol=1e-5)
+    if "loaded_logits" in result:
+        torch.testing.assert_close(result["loaded_logits"], result["reference_logits"], atol=LOGITS_ATOL, rtol=0.0)
+        torch.testing.assert_close(result["exported_logits"], result["trained_logits"], atol=LOGITS_ATOL, rtol=0.0)
+    else:  # pipeline parallel: the model call gives the loss, computed from the logits on the last stage
+        assert math.isclose(result["trained_loss"], result["exported_loss"], rel_tol=1e-5)
+    # three steps at lr 1e-3 moved the weights: the exported model is the trained one, not the start
+    assert abs(result["exported_loss"] - result["reference_loss"]) > 1e-3
+
+
+def test_export_writes_size_capped_shards_with_an_index(roundtrips):
+    files = _ok(roundtrips["qwen2_dp_shard2_tp2"])["exported_files"]
+    shards = [name for name in files if name.startswith("model-") and name.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files and "config.json" in files
+
+
+# ----------------------------------------------------------------------------- bad input, no processes
+
+
+def test_folder_without_config(tmp_path):
+    save_model(tmp_path, "llama")
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
+        HFFolder(tmp_path)
+
+
+def test_folder_without_weights(tmp_path):
+    save_model(tmp_path, "llama")
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"no model\.safetensors or model\.safetensors\.index\.json .*pytorch_model\.bin"):
+        HFFolder(tmp_path)
+
+
+def test_missing_shard_named_in_the_index(tmp_path):
+    save_model(tmp_path, "llama", shard=True)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (tmp_path / gone).unlink()
+    with pytest.raises(ConfigError, match=rf"names {len(set(index['weight_map'].values()))} shard files; missing: \['{gone}'\]"):
+        HFFolder(tmp_path)
+
+
+def test_truncated_weights_file(tmp_path):
+    save_model(tmp_path, "llama")
+    file = tmp_path / "model.safetensors"
+    size = file.stat().st_size
+    with open(file, "r+b") as handle:
+        handle.truncate(size - 1000)
+    with pytest.raises(ConfigError, match=rf"model\.safetensors: its tensors need {size} bytes, the file has {size - 1000} \(truncated\)"):
+        HFFolder(tmp_path)
+
+
+def test_weights_that_disagree_with_the_config(tmp_path):
+    save_model(tmp_path, "llama")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"mlp\.up_proj\.weight has shape \(64, 32\) in model\.safetensors, \(48, 32\) from config\.json"):
+        HFFolder(tmp_path)
+
+
+def _preflight(overrides: list[str]) -> None:
+    import hydra
+
+    from lightning_3d.train import CONF_DIR, preflight, to_config
+
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra.compose(config_name="config", overrides=[*overrides, "run_dir=/tmp/x"])
+    preflight(to_config(cfg))
+
+
+def test_tokenizer_larger_than_the_embedding(tmp_path, folders):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders["qwen2"], folder)  # vocab 96
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train_from_iterator(["def f(x): return x"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x\n" * 50)
+    with pytest.raises(ConfigError, match=r"the tokenizer .* makes ids up to 2\d\d, but vocab_size=96"):
+        _preflight(["recipe=finetune", f"model.path={folder}", f"data.paths=[{corpus}]", "trainer.devices=1", "data.seq_len=32", "data.eos_token='<unk>'"])
+
+
+def test_architecture_the_strategy_cannot_plan(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=96)).save_pretrained(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x\n" * 50)
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel declares no base_model_pp_plan"):
+        _preflight(["recipe=finetune", f"model.path={tmp_path}", f"data.paths=[{corpus}]", "trainer.devices=2", "parallel.tp=2", "data.seq_len=32"])
