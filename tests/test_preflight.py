@@ -46,8 +46,6 @@ CASES = [
      ["global_batch_size=6 is not divisible by the data-parallel size 4", "nearest valid: [4, 8]"]),
     ("global batch vs dp × accumulation", ["trainer.devices=2", "trainer.accumulate_grad_batches=3"], CPU_ONLY,
      ["global_batch_size=8 is not divisible by the data-parallel size 2", "accumulate_grad_batches=3 = 6"]),
-    ("tied embeddings with pp", ["trainer.devices=2", "parallel.pp=2", "model.tie_embeddings=true"], CPU_ONLY,
-     ["model.tie_embeddings=true with pp > 1", "model.tie_embeddings=false"]),
     ("cp_backend native without CUDA", ["trainer.devices=2", "parallel.cp=2", "parallel.cp_backend=native"], CPU_ONLY,
      ["parallel.cp_backend=native", "no CPU kernel", "use cp_backend=ring or allgather"]),
     ("unknown cp_backend", ["parallel.cp_backend=ulysses"], CPU_ONLY, ["parallel.cp_backend='ulysses' is not one of"]),

@@ -322,8 +322,6 @@ PP_MODEL = dict(n_layers=4, dim=64, n_heads=4, vocab_size=512, max_seq_len=128)
          r"pp_schedule=interleaved_1f1b runs several stages per rank, but stages_per_rank=1"),
         (dict(pp=2, pp_schedule="dualpipev", stages_per_rank=3), dict(n_layers=6), 12, 1,
          r"pp_schedule=dualpipev places exactly 2 stages per rank \(a V\), but stages_per_rank=3"),
-        (dict(pp=2, pp_schedule="1f1b"), dict(tie_embeddings=True), 8, 1,
-         r"model\.tie_embeddings=true with pp > 1"),
         (dict(pp=2, pp_schedule="1f1b", pp_layers=[[0, 1], [3]]), {}, 8, 1,
          r"parallel\.pp_layers must list blocks 0\.\.3 once each, in order"),
         (dict(pp=2, pp_schedule="1f1b", pp_layers=[[0, 1, 2, 3]]), {}, 8, 1,
