@@ -230,7 +230,8 @@ def check_resume(config: Config) -> None:
     path = resume_path(config)
     if path is not None:
         with torch.device("meta"):
-            shapes = {f"model.{name}": t.shape for name, t in Transformer(config.model).state_dict().items()}
+            model = HFFolder(config.model.path).meta_model() if config.model.path else Transformer(config.model)
+            shapes = {f"model.{name}": t.shape for name, t in model.state_dict().items()}
         raise_if_problems(f"resume={path} does not fit model config", fit_problems(path, shapes))
 
 

@@ -22,6 +22,7 @@ from test_parity import DEBUG, LOSS_RTOL, _results, pp
 
 from lightning_3d.checkpoint import DCP_METADATA, TRAINER_STATE, complete_checkpoints, resolve_resume
 from lightning_3d.config import ModelConfig
+from lightning_3d.errors import ConfigError
 from lightning_3d.export import CONFIG_FILE, WEIGHTS_FILE, export
 from lightning_3d.export import main as export_main
 from lightning_3d.models.llama import PretrainedWeights, Transformer, rotary_pairs_to_halves
@@ -345,3 +346,30 @@ def test_hugging_face_llama_imports_with_the_same_logits(tmp_path):
     tokens = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf_model(tokens).logits, rtol=0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"rope_theta": 500000.0}, r"rope_theta=500000\.0, but model\.rope_theta=10000\.0"),
+        ({"rms_norm_eps": 1e-6}, r"rms_norm_eps=1e-06, but model\.norm_eps=1e-05"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"rope scaling .*llama3.* is not implemented by the reference model; use model=hf"),
+    ],
+    ids=["rope_theta", "norm_eps", "rope_scaling"],
+)
+def test_hugging_face_config_fields_must_agree_with_the_model_config(tmp_path, change, expected):
+    """config.json is read: a field the forward uses that disagrees is an error naming both values."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path, safe_serialization=True)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.update(change)
+    if "rope_theta" in change or "rope_scaling" in change:
+        saved.pop("rope_parameters", None)  # transformers 5 keeps both there; give them the older way
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=96, max_seq_len=64, init_from=str(tmp_path))
+    with pytest.raises(ConfigError, match=expected):
+        PretrainedWeights(config)

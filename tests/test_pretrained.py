@@ -8,9 +8,13 @@ loaded by HFCausalLM under dp_shard=2 × tp=2 and under pp=2 (× dp_shard=2) in 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +170,56 @@ def test_architecture_the_strategy_cannot_plan(tmp_path):
     corpus.write_text("def f(x):\n    return x\n" * 50)
     with pytest.raises(ConfigError, match=r"GPT2LMHeadModel declares no base_model_pp_plan"):
         _preflight(["recipe=finetune", f"model.path={tmp_path}", f"data.paths=[{corpus}]", "trainer.devices=2", "parallel.tp=2", "data.seq_len=32"])
+
+
+# ----------------------------------------------------------------------------- the CLI recipe, end to end
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _tokenizer_folder(folder: Path, texts: list[str], vocab: int) -> None:
+    """A small byte-level BPE tokenizer.json with an eos token, saved next to the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+
+
+def test_finetune_recipe_end_to_end(tmp_path):
+    """recipe=finetune on a saved tiny Qwen2 and a jsonl corpus tokenized by the folder's own tokenizer:
+    train under tp=2, resume under pp=2, export, and load the export with from_pretrained."""
+    texts = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": text}) for text in texts) + "\n")
+    model_dir = save_model(tmp_path / "model", "qwen2", vocab_size=320, max_position_embeddings=64)
+    _tokenizer_folder(model_dir, texts, vocab=300)
+    common = [
+        "lightning_3d.train", "recipe=finetune", f"model.path={model_dir}", f"data.paths=[{corpus}]", "data.seq_len=32",
+        "data.global_batch_size=4", "trainer.devices=2", "optim.lr=1e-3", "checkpoint.every_n_steps=2", f"checkpoint.dir={tmp_path / 'ckpt'}",
+    ]
+    first = _cli([*common, "parallel.tp=2", "trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={tmp_path / 'run1'}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = _cli(
+        [*common, "parallel.pp=2", "parallel.pp_schedule=1f1b", "trainer.max_steps=4", "trainer.val_check_interval=2", "resume=auto",
+         f"hydra.run.dir={tmp_path / 'run2'}"],
+        tmp_path,
+    )
+    assert second.returncode == 0, second.stderr[-4000:]
+    with open(tmp_path / "run2" / "metrics.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train_loss")]
+    assert steps and min(steps) >= 2  # resumed after step 2, under another layout
+    exported = _cli(["lightning_3d.export", str(tmp_path / "ckpt" / "step-4"), str(tmp_path / "hf")], tmp_path)
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "hf")("def function_3(x):", return_tensors="pt")
+    assert torch.isfinite(model(**tokens).logits).all()

@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -207,6 +209,43 @@ def rotary_pairs_to_halves(weight: Tensor, heads: int) -> Tensor:
     return weight.view(heads, out_dim // heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+# config.json field → (ModelConfig field, how to read ours), for a Hugging Face Llama folder
+_HF_CONFIG_FIELDS = {
+    "num_hidden_layers": ("n_layers", lambda c: c.n_layers),
+    "hidden_size": ("dim", lambda c: c.dim),
+    "num_attention_heads": ("n_heads", lambda c: c.n_heads),
+    "num_key_value_heads": ("n_kv_heads", lambda c: c.kv_heads),
+    "vocab_size": ("vocab_size", lambda c: c.vocab_size),
+    "intermediate_size": ("ffn_dim", lambda c: c.hidden_dim),
+    "rms_norm_eps": ("norm_eps", lambda c: c.norm_eps),
+    "rope_theta": ("rope_theta", lambda c: c.rope_theta),
+    "tie_word_embeddings": ("tie_embeddings", lambda c: c.tie_embeddings),
+}
+
+
+def hf_config_problems(config: ModelConfig) -> list[str]:
+    """A Hugging Face folder's ``config.json`` against the model config: every field the forward
+    uses must agree, and rope scaling, which the reference model does not implement, is refused."""
+    folder = Path(config.init_from)
+    file = (folder if folder.is_dir() else folder.parent) / "config.json"
+    if not file.is_file():
+        return []  # bare safetensors: shapes are checked, the rest is the user's word
+    hf = json.loads(file.read_text())
+    rope = dict(hf.get("rope_parameters") or {})  # transformers 5 keeps rope_theta and the scaling here
+    if "rope_theta" in rope:
+        hf.setdefault("rope_theta", rope["rope_theta"])
+    scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} if rope.get("rope_type", "default") != "default" else None)
+    problems = []
+    if hf.get("model_type") not in (None, "llama"):
+        problems.append(f"{file}: model_type={hf['model_type']!r}; the reference model reads Llama folders only (use model=hf for others)")
+    if scaling:
+        problems.append(f"{file}: rope scaling {scaling} is not implemented by the reference model; use model=hf model.path={folder}")
+    for key, (ours, value) in _HF_CONFIG_FIELDS.items():
+        if key in hf and hf[key] is not None and not math.isclose(float(hf[key]), float(value(config)), rel_tol=1e-9):
+            problems.append(f"{file}: {key}={hf[key]}, but model.{ours}={value(config)}")
+    return problems
+
+
 class PretrainedWeights:
     """The full weights of ``config.init_from`` under our names, checked against the config.
 
@@ -231,7 +270,7 @@ class PretrainedWeights:
             self.source = {name: name for name in self.files.shapes}
         with torch.device("meta"):
             expected = {name: tuple(p.shape) for name, p in Transformer(config).named_parameters()}
-        problems = []
+        problems = hf_config_problems(config) if self.hf_format else []
         for name, shape in expected.items():
             if name not in self.source:
                 problems.append(f"parameter {name} (shape {shape}) is missing")
