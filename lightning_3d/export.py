@@ -107,6 +107,10 @@ def export_hf(checkpoint: Path, out: Path, trainer_state: dict[str, Any], max_sh
         del state
     if len(groups) > 1:
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    saved_dtype = str(items[0][1].properties.dtype).removeprefix("torch.") if items else None
+    for key in ("dtype", "torch_dtype"):  # from_pretrained(dtype="auto") loads what was written
+        if key in config or key == "dtype":
+            config[key] = saved_dtype
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     source = Path(trainer_state.get("hyper_parameters", {}).get("hf_path", ""))
     for name in TOKENIZER_FILES:

@@ -45,8 +45,13 @@ def hf_config(arch: str, **overrides: Any) -> Any:
         "qwen3": transformers.Qwen3Config,
         "mistral": transformers.MistralConfig,
         "gemma": transformers.GemmaConfig,
+        "phi3": transformers.Phi3Config,
+        "olmo2": transformers.Olmo2Config,
     }
-    extra = {"qwen3": {"head_dim": 8}, "gemma": {"head_dim": 8}, "mistral": {"sliding_window": None}}.get(arch, {})
+    extra = {
+        "qwen3": {"head_dim": 8}, "gemma": {"head_dim": 8}, "mistral": {"sliding_window": None},
+        "phi3": {"pad_token_id": 0}, "olmo2": {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None},
+    }.get(arch, {})
     return classes[arch](**{**common, **extra, **overrides})
 
 
@@ -120,14 +125,8 @@ class GPT(nn.Module):
         return self.head(self.norm(x))
 
 
-class LitGPT(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = None
-
-    def configure_model(self) -> None:
-        if self.model is None:
-            self.model = GPT()
+class LogitsLit(L.LightningModule):
+    """A module whose model returns logits: the loss is computed in training_step, a plain per-rank mean."""
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self.model(batch["input_ids"])
@@ -137,6 +136,17 @@ class LitGPT(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+class LitGPT(LogitsLit):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = GPT()
+
 
 
 # ----------------------------------------------------------------------------- Lightning ModelParallelStrategy style
@@ -167,7 +177,7 @@ class TutorialModel(nn.Module):
         return self.head(x)
 
 
-class LitTutorial(L.LightningModule):
+class LitTutorial(LogitsLit):
     """Written as Lightning's TP + FSDP2 tutorial writes it: it parallelizes itself with the device mesh."""
 
     def __init__(self) -> None:
@@ -191,14 +201,6 @@ class LitTutorial(L.LightningModule):
                 fully_shard(layer, mesh=dp_mesh)
             fully_shard(self.model, mesh=dp_mesh)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self.model(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
-        self.log("train_loss", loss, sync_dist=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
 # ----------------------------------------------------------------------------- data and runs
@@ -345,6 +347,14 @@ def roundtrip(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     world = int(os.environ["WORLD_SIZE"])
     dp = world // (layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1))
     module = HFCausalLM(folder, OptimConfig(lr=1e-3, warmup_steps=1, weight_decay=0.0))
+    if case.get("from_pretrained"):  # as a user writes it: from_pretrained in configure_model, no init hook
+        del module.init_parameter
+
+        def configure_model() -> None:
+            if module.model is None:
+                module.model = AutoModelForCausalLM.from_pretrained(folder)
+
+        module.configure_model = configure_model
     vocab = module.folder.config.vocab_size
     samples = _pretrained_batches(vocab, steps, BATCH)
     fixed = {key: torch.stack([s[key] for s in samples[:BATCH]]) for key in ("input_ids", "labels")}  # global batch 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_worker import GPT, VOCAB, LitLM, hf_config
-from test_parity import _torchrun
+from test_parity import _torchrun, adamw_drift
 from torch import nn
 
 from lightning_3d.config import ParallelConfig
@@ -40,6 +40,9 @@ REFERENCE = {
     "qwen3": {"options": {"arch": "qwen3"}, "validate": True, "weights": True},
     "mistral": {"options": {"arch": "mistral"}, "validate": True, "weights": True},
     "gemma": {"options": {"arch": "gemma"}, "validate": True, "weights": True},
+    # fused projections gathered after the matmul (colwise_gather_output, rowwise_split_input)
+    "phi3": {"options": {"arch": "phi3"}, "validate": True, "weights": True},
+    "olmo2": {"options": {"arch": "olmo2"}, "validate": True, "weights": True},
     "tutorial": {"module": "tutorial"},
 }
 
@@ -57,6 +60,8 @@ TWO_RANKS = {
     **_layouts("qwen3", {"tp2": {"tp": 2}, "pp2": {"pp": 2, **PP}, "cp2": {"cp": 2}}),
     **_layouts("mistral", {"tp2": {"tp": 2}, "pp2": {"pp": 2, **PP}, "cp2": {"cp": 2}}),
     **_layouts("gemma", {"tp2": {"tp": 2}, "pp2": {"pp": 2, **PP}, "cp2": {"cp": 2}}),
+    **_layouts("phi3", {"tp2": {"tp": 2}}),
+    **_layouts("olmo2", {"tp2": {"tp": 2}}),
     "llama_tied_pp2": {"options": {"arch": "llama", "tie_word_embeddings": True}, "layout": {"pp": 2, **PP}, "validate": True, "reference": "llama_tied"},
     "llama_tied_tp2": {"options": {"arch": "llama", "tie_word_embeddings": True}, "layout": {"tp": 2}, "validate": True, "weights": True, "reference": "llama_tied"},
     # uneven numbers of scored tokens per rank: the loss stays the global token-weighted mean
@@ -117,13 +122,9 @@ def _ok(result: dict) -> dict:
     return result
 
 
-def _drift_ceiling(steps: int = STEPS, lr: float = LR, beta1: float = 0.9, beta2: float = 0.999) -> float:
-    """How far AdamW can carry one element of two runs that start equal (see test_parity.adamw_drift_ceiling)."""
-    total = 0.0
-    for t in range(1, steps + 1):
-        c_t = (1 - beta1) / (1 - beta1**t) * math.sqrt((1 - beta2**t) / (1 - beta2) * sum((beta1**2 / beta2) ** k for k in range(t)))
-        total += 2 * c_t * lr
-    return total
+def _drift_ceiling() -> float:
+    """How far AdamW (default betas, constant LR) can carry one element of two runs that start equal."""
+    return adamw_drift((LR,) * STEPS, 0.9, 0.999)
 
 
 def _weight_problems(weights: dict, expected: dict) -> list[str]:
@@ -264,8 +265,10 @@ def test_initial_weights_follow_the_models_own_rule_per_name():
     assert torch.equal(draw("model.model.norm.weight", 7), torch.ones(32))  # RMSNorm: ones
 
 
-def test_weights_loaded_in_configure_model_are_not_silently_redrawn(tmp_path):
+def test_weights_loaded_in_configure_model_are_read_from_their_folder(tmp_path):
     from transformers import AutoModelForCausalLM
+
+    from lightning_3d.pretrained import FolderInit
 
     AutoModelForCausalLM.from_config(hf_config("llama")).save_pretrained(tmp_path)
 
@@ -276,5 +279,15 @@ def test_weights_loaded_in_configure_model_are_not_silently_redrawn(tmp_path):
     module = Pretrained()
     with meta_parameters():
         module.configure_model()
+    assert all(param.is_meta for param in module.parameters())  # nothing loaded twice, nothing held
     derived = model_plan(module, ParallelConfig(), ParallelDims.from_config(ParallelConfig(), 1))
-    assert any("loaded from" in problem and str(tmp_path) in problem for problem in derived.problems), derived.problems
+    assert isinstance(derived.init_fn, FolderInit) and derived.init_fn.folder.path == tmp_path and not derived.problems
+
+
+def test_a_model_from_a_hub_name_is_refused(tmp_path):
+    module = LitLM("llama")
+    with meta_parameters():
+        module.configure_model()
+    module.model.config._name_or_path = "meta-llama/Llama-3.2-1B"  # as from_pretrained("<hub id>") leaves it
+    with pytest.raises(ConfigError, match=r"built from 'meta-llama/Llama-3\.2-1B', which is not a local folder"):
+        model_plan(module, ParallelConfig(), ParallelDims.from_config(ParallelConfig(), 1))

@@ -207,8 +207,13 @@ def adamw_drift_ceiling() -> float:
     the ratio, so the two runs can move an element c_t · lr_t each, in opposite directions.
     """
     beta1, beta2 = _debug_config().optim.betas
+    return adamw_drift(debug_lrs(), beta1, beta2)
+
+
+def adamw_drift(lrs: tuple[float, ...], beta1: float, beta2: float) -> float:
+    """2 · Σ_t c_t · lr_t: how far AdamW can carry one element of two runs with these per-step LRs."""
     ceiling = 0.0
-    for t, lr in enumerate(debug_lrs(), start=1):
+    for t, lr in enumerate(lrs, start=1):
         c_t = (1 - beta1) / (1 - beta1**t) * math.sqrt((1 - beta2**t) / (1 - beta2) * sum((beta1**2 / beta2) ** k for k in range(t)))
         ceiling += 2 * c_t * lr
     return ceiling

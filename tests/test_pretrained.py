@@ -53,6 +53,8 @@ LAYOUTS = {"dp_shard2_tp2": {"dp_shard": 2, "tp": 2}, "dp_shard2_pp2": {"dp_shar
 CASES = {
     **{f"{model}_{name}": (model, layout) for model in ("llama", "qwen2") for name, layout in LAYOUTS.items()},
     "llama_tied_dp_shard2_pp2": ("llama_tied", LAYOUTS["dp_shard2_pp2"]),
+    # from_pretrained inside configure_model: the weights the meta device dropped are read from its folder
+    "llama_from_pretrained_dp_shard2_tp2": ("llama", LAYOUTS["dp_shard2_tp2"]),
 }
 
 
@@ -60,7 +62,10 @@ CASES = {
 def roundtrips(folders, tmp_path_factory) -> dict[str, dict]:
     out_dir = tmp_path_factory.mktemp("roundtrip")
     cases = {
-        name: {"kind": "roundtrip", "folder": str(folders[model]), "layout": layout, "max_shard_mb": 0.05 if model == "qwen2" else 2000}
+        name: {
+            "kind": "roundtrip", "folder": str(folders[model]), "layout": layout, "max_shard_mb": 0.05 if model == "qwen2" else 2000,
+            "from_pretrained": "from_pretrained" in name,
+        }
         for name, (model, layout) in CASES.items()
     }
     _torchrun(4, cases, out_dir, worker=WORKER)
@@ -176,7 +181,9 @@ def test_architecture_the_strategy_cannot_plan(tmp_path):
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a fresh shell's environment: an in-process run earlier in this pytest may have set launch variables
+    launch_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE")
+    env = {key: value for key, value in os.environ.items() if key not in launch_vars} | {"OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
 
 

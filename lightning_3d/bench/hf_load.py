@@ -10,7 +10,9 @@ Writes a random Llama (``transformers.LlamaConfig``: ``--hidden``, intermediate 
 starts ``--ranks`` processes that load the folder with :class:`~lightning_3d.models.hf.HFCausalLM`
 under ``ModelParallel4DStrategy(**layout)``: a callback reads each rank's memory in
 ``on_train_start`` (the weights are in place, no step has run) and stops the fit there.
-Side by side, in the same run: ``AutoModelForCausalLM.from_pretrained(folder)`` in one process.
+Side by side, in the same run: ``AutoModelForCausalLM.from_pretrained(folder)`` in one process,
+measured right after it returns and again after every parameter was read once: transformers
+keeps fp32 weights as views of the memory-mapped files, so they count in RSS only once read.
 
 Reported per rank (``/proc/self/status``): the peak RSS growth during the load (``VmHWM`` in
 ``on_train_start`` minus ``VmRSS`` after the imports, the high-water mark reset there), the
@@ -47,8 +49,7 @@ def parse_layout(text: str) -> dict[str, int]:
     found = re.findall(r"(dp_replicate|dp_shard|cp|tp|pp)(\d+)", text)
     if not found or "_".join(f"{dim}{n}" for dim, n in found) != text:
         raise SystemExit(f"layout {text!r}: expected e.g. dp_shard4 or dp_shard2_tp2")
-    layout = {dim: int(n) for dim, n in found}
-    return layout
+    return {dim: int(n) for dim, n in found}
 
 
 def layout_name(layout: dict[str, int]) -> str:
@@ -148,6 +149,7 @@ def _worker(out: Path, folder: Path, layout: dict[str, int]) -> None:
 
     world = int(os.environ["WORLD_SIZE"])
     rss_before = _start_measuring()
+    file_before = _status("RssFile")
     start = time.perf_counter()
     module = HFCausalLM(folder)
     counting = _CountingInit(module.init_parameter)
@@ -164,6 +166,7 @@ def _worker(out: Path, folder: Path, layout: dict[str, int]) -> None:
                 "rss_before": rss_before,
                 "peak": _status("VmHWM"),
                 "held": _status("VmRSS"),
+                "held_file": _status("RssFile") - file_before,
                 "shard_bytes": sum(t.numel() * t.element_size() for t in local),
                 "sliced": len(counting.sliced),
                 "whole": len(counting.whole),
@@ -192,31 +195,43 @@ def _worker(out: Path, folder: Path, layout: dict[str, int]) -> None:
 
 
 def _pretrained_worker(folder: Path) -> None:
-    """The naive way: ``from_pretrained`` in one process; prints JSON."""
+    """The naive way: ``from_pretrained`` in one process, then every weight read once; prints JSON.
+
+    transformers keeps fp32 weights as views of the memory-mapped files: a page counts in
+    RSS once read. Measured right after ``from_pretrained`` and after summing every
+    parameter (what a first forward does)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     rss_before = _start_measuring()
+    file_before = _status("RssFile")
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder)
-    seconds = time.perf_counter() - start
     params = list(model.parameters())
-    print(json.dumps({
-        "rank": 0,
-        "seconds": seconds,
-        "rss_before": rss_before,
-        "peak": _status("VmHWM"),
-        "held": _status("VmRSS"),
-        "shard_bytes": sum(p.numel() * p.element_size() for p in params),
-        "dtype": str(params[0].dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-    }))
+
+    def figures() -> dict[str, Any]:
+        return {
+            "rank": 0,
+            "seconds": time.perf_counter() - start,
+            "rss_before": rss_before,
+            "peak": _status("VmHWM"),
+            "held": _status("VmRSS"),
+            "held_file": _status("RssFile") - file_before,
+            "shard_bytes": sum(p.numel() * p.element_size() for p in params),
+            "dtype": str(params[0].dtype).removeprefix("torch."),
+        }
+
+    loaded = figures()
+    with torch.no_grad():
+        for param in params:
+            param.sum()
+    print(json.dumps({"loaded": loaded, "read": figures()}))
 
 
 def run_pretrained(folder: Path) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, "-m", MODULE, "--pretrained-worker", str(folder)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"from_pretrained worker failed:\n{result.stderr[-3000:]}")
@@ -285,7 +300,10 @@ def main() -> None:
             measured = run_workers(MODULE, args.ranks, "--folder", str(folder), "--layout", text)["ranks"]
             rows.append(row(layout_name(layout), args.ranks, model_bytes, measured))
         pretrained = run_pretrained(folder)
-        rows.append(row("`AutoModelForCausalLM.from_pretrained` (dtype " + pretrained["dtype"] + ")", 1, model_bytes, [pretrained]))
+        rows.append(row("`from_pretrained`, right after (weights mapped from the files, not yet read)", 1, model_bytes,
+                        [pretrained["loaded"]]))
+        rows.append(row("`from_pretrained`, then every weight read once (as a first forward does)", 1, model_bytes,
+                        [pretrained["read"]]))
     print("| layout | ranks | model on disk MiB | peak RSS growth per rank, max MiB | ratio to model size | "
           "RSS held after loading, max MiB | this rank's parameters MiB, max |")
     print("|---|---|---|---|---|---|---|")
@@ -293,20 +311,25 @@ def main() -> None:
         print(f"| {r['layout']} | {r['ranks']} | {r['model_mib']:.1f} | {r['growth_max']:.1f} | {r['ratio']:.2f} | "
               f"{r['held_max']:.1f} | {r['shard_max']:.1f} |")
     print()
-    print("per rank (peak growth / held / parameters MiB; parameters read as a slice, read whole (MiB in all, largest)):")
-    for r in rows[:-1]:
+    print("per rank: peak RSS growth / RSS held (of it file-backed) / local parameters, MiB; how the parameters "
+          "were read; seconds from HFCausalLM() to on_train_start (from_pretrained: to the figure)")
+    for r in rows[:-2]:
         for m in r["per_rank"]:
             name, size = m["largest_whole"]
+            whole = (f"{m['whole']} read whole ({m['whole_bytes'] / MIB:.2f} MiB in all, largest {name} {size / MIB:.2f} MiB)"
+                     if m["whole"] else "none read whole")
             print(f"  {r['layout']}, rank {m['rank']}: {(m['peak'] - m['rss_before']) / MIB:.1f} / "
-                  f"{(m['held'] - m['rss_before']) / MIB:.1f} / {m['shard_bytes'] / MIB:.1f}; "
-                  f"{m['sliced']} sliced, {m['whole']} whole ({m['whole_bytes'] / MIB:.2f} MiB, largest "
-                  f"{name or '-'} {size / MIB:.2f} MiB); load {m['seconds']:.1f} s")
+                  f"{(m['held'] - m['rss_before']) / MIB:.1f} ({m['held_file'] / MIB:.1f}) / {m['shard_bytes'] / MIB:.1f}; "
+                  f"{m['sliced']} parameters read as a slice, {whole}; {m['seconds']:.1f} s")
         kinds = sorted({kind for m in r["per_rank"] for kind in m["whole_names"]})
         if kinds:
             print(f"  {r['layout']}: read whole: {kinds}")
-    print(f"  from_pretrained: load {pretrained['seconds']:.1f} s")
-    for r in rows[:-1]:
-        print(f"RATIO peak_growth {r['layout']} / from_pretrained: {r['growth_max'] / rows[-1]['growth_max']:.3f}")
+    for key, m in pretrained.items():
+        print(f"  from_pretrained, {key}: {(m['peak'] - m['rss_before']) / MIB:.1f} / "
+              f"{(m['held'] - m['rss_before']) / MIB:.1f} ({m['held_file'] / MIB:.1f}) / "
+              f"{m['shard_bytes'] / MIB:.1f} ({m['dtype']}); {m['seconds']:.1f} s")
+    for r in rows[:-2]:
+        print(f"RATIO peak_growth {r['layout']} / from_pretrained_read: {r['growth_max'] / rows[-1]['growth_max']:.3f}")
     print(f"total {time.perf_counter() - began:.0f} s")
     if args.out is not None:
         args.out.write_text(json.dumps({"model": info, "rows": rows}, indent=2))

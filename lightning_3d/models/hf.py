@@ -40,7 +40,9 @@ class HFCausalLM(L.LightningModule):
         from transformers import AutoModelForCausalLM
 
         if self.model is None:
-            self.model = AutoModelForCausalLM.from_config(self.folder.config)
+            # fp32 weights whatever dtype the folder was saved in: the trainer's precision decides
+            # what runs in bf16 (parameters are still on the meta device here: nothing is copied)
+            self.model = AutoModelForCausalLM.from_config(self.folder.config).float()
 
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model(input_ids=batch["input_ids"], labels=batch["labels"], shift_labels=batch["labels"]).loss

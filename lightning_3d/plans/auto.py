@@ -7,7 +7,9 @@ In order:
 2. the module defines ``parallel_plan(parallel_config)``: that plan (and its
    ``init_parameter`` if it has one);
 3. a transformers model among the module's attributes: the plan its classes declare
-   (:mod:`lightning_3d.plans.hf`), weights drawn by the model's own ``_init_weights``;
+   (:mod:`lightning_3d.plans.hf`), weights drawn by the model's own ``_init_weights`` — or,
+   for a model built from a local folder with safetensors weights (``from_pretrained``),
+   read from that folder, each rank its own shards;
 4. any other model: data parallel only (FSDP2 / HSDP / DDP-style), one unit per repeated
    block of its largest ``ModuleList`` / ``ModuleDict``, weights drawn by each module's
    ``reset_parameters``. tp / pp / cp > 1 need a plan.
@@ -16,8 +18,10 @@ In order:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -35,6 +39,7 @@ from lightning_3d.plans.hf import (
     init_rule,
     pipeline_problems,
 )
+from lightning_3d.pretrained import HFFolder
 
 
 @dataclass
@@ -102,13 +107,7 @@ def model_plan(module: nn.Module, parallel: ParallelConfig, dims: ParallelDims) 
                 return _generic(module, dims, own_init)
             raise
         problems = hf_shape_problems(model, dims.tp, plan)
-        source = getattr(model.config, "_name_or_path", "")
-        if source and own_init is None:
-            problems.append(
-                f"{type(model).__name__} was loaded from {source!r} (from_pretrained) in configure_model(), where the strategy "
-                "creates parameters on the meta device and draws them fresh: the loaded weights would be lost. Build it "
-                "with AutoModelForCausalLM.from_config(config)"
-            )
+        init = own_init or _folder_weights(model, root) or owner_init(model, root, init_rule(model))
         if parallel.loss_parallel and dims.tp > 1:
             problems.append(
                 f"parallel.loss_parallel=true: {type(model).__name__}'s plan gathers the logits (its head is "
@@ -118,8 +117,27 @@ def model_plan(module: nn.Module, parallel: ParallelConfig, dims: ParallelDims) 
             problems += context_parallel_problems(model, dims.cp)
         if dims.pp > 1:
             problems += pipeline_problems(model, dims.pp)
-        return ModelPlan("transformers", plan, own_init or owner_init(model, root, init_rule(model)), problems)
+        return ModelPlan("transformers", plan, init, problems)
     return _generic(module, dims, own_init)
+
+
+def _folder_weights(model: nn.Module, root: str) -> Optional[InitFn]:
+    """A model built from a local folder (``from_pretrained`` in ``configure_model()``, whose weights
+    the meta device dropped, or ``from_config`` of its config): its weights, read shard by shard."""
+    source = getattr(model.config, "_name_or_path", "") or ""
+    if not source:
+        return None
+    folder = Path(source)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{type(model).__name__} was built from {source!r}, which is not a local folder: the strategy creates the "
+            "parameters on the meta device and reads weights from local safetensors only. Download the model to a "
+            "folder and build from it, or build with from_config(config) to start from random weights"
+        )
+    if not any(folder.glob("*.safetensors")):
+        return None  # a config only: random weights, as from_config asks
+    rank_zero_info(f"{type(model).__name__}: weights are read from {folder}, each rank its own shards")
+    return HFFolder(folder).initializer(root)
 
 
 def _generic(module: nn.Module, dims: ParallelDims, own_init: Any) -> ModelPlan:

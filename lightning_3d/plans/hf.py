@@ -128,16 +128,19 @@ def hf_plan(model: nn.Module, root: str, tp: int) -> ParallelPlan:
                 "or give the module a parallel_plan()"
             )
         block_key = blocks.removeprefix(prefix) + ".*."
+        declared = {}  # block module → style name
         for name, style in base_plan.items():
             if name.startswith(block_key):
+                declared[name.removeprefix(block_key)] = style
                 block_tp[name.removeprefix(block_key)] = _style(name, style, model)
             else:
                 top_tp[prefix + name] = _style(name, style, model)
-        # per-head norms see this rank's heads only; plans of older transformers leave them out
+        # per-head norms after a head-sharded (colwise) q_proj see this rank's heads only; plans of
+        # older transformers leave them out
         first_block = next(iter(model.get_submodule(blocks).children()))
         for name, _ in first_block.named_modules():
             attention, _, leaf = name.rpartition(".")
-            if leaf in ("q_norm", "k_norm") and f"{attention}.q_proj" in block_tp and name not in block_tp:
+            if leaf in ("q_norm", "k_norm") and declared.get(f"{attention}.q_proj") == "colwise" and name not in block_tp:
                 block_tp[name] = _style(name, "replicated_with_grad_allreduce", model)
         # a head tied to the embedding stays whole: a sharded tied weight would shard the embedding too
         if not tied_to_input(model):
