@@ -266,6 +266,13 @@ class ModelParallel4DStrategy(ParallelStrategy):
             state.attach(module)
             return
         plan = derived.plan
+        if derived.kind == "transformers" and self.perf.activation_checkpoint == "op":
+            # per-op selective checkpointing replays each op; transformers' attention takes other
+            # branches on recompute than in forward (torch then fails in backward)
+            derived.problems.append(
+                "perf.activation_checkpoint=op is not supported for transformers models (their attention does not replay "
+                "op for op); use full or selective"
+            )
         raise_problems(derived.problems + module_problems(module, plan, self.parallel, self.dims))
         self.model = self.precision_plugin.convert_module(self.model)
         state.root, state.plan = plan.root, plan

@@ -81,6 +81,10 @@ TWO_RANKS = {
     # a checkpoint written under one layout loads under another: the same weights, names unchanged
     "llama_tied_reshard_pp2_to_tp2": {"options": {"arch": "llama", "tie_word_embeddings": True}, "layout": {"pp": 2, **PP}, "reshard_to": {"tp": 2}, "steps": 2},
     "qwen2_reshard_tp2_to_cp2": {"options": {"arch": "qwen2"}, "layout": {"tp": 2}, "reshard_to": {"cp": 2}, "steps": 2},
+    "bad_ac_op": {"options": {"arch": "llama"}, "layout": {"dp_shard": 2, "activation_checkpoint": "op"}, "error": "activation_checkpoint=op is not supported for transformers"},
+    # speed levers and precision on a transformers model
+    "llama_dp_shard2_ac_full": {"options": {"arch": "llama"}, "layout": {"dp_shard": 2, "activation_checkpoint": "full"}, "weights": True, "reference": "llama"},
+    "llama_tp2_ac_selective": {"options": {"arch": "llama"}, "layout": {"tp": 2, "activation_checkpoint": "selective"}, "weights": True, "reference": "llama"},
     "bad_blocks_pp2": {"options": {"arch": "llama", "num_hidden_layers": 1}, "layout": {"pp": 2, **PP}, "error": "2 stages, more than the 1 blocks"},
 }
 
