@@ -30,6 +30,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_3d.errors import ConfigError
+from lightning_3d.loss import IGNORE_INDEX
 from lightning_3d.parallel.context_parallel import balanced_positions
 from lightning_3d.plans.base import ParallelPlan
 
@@ -47,7 +48,6 @@ _STYLES: dict[str, Callable[[], ParallelStyle]] = {
     "replicated_with_grad_allreduce": lambda: SequenceParallel(sequence_dim=-2, use_local_output=True),
 }
 SUPPORTED_STYLES = tuple(_STYLES)
-IGNORE_INDEX = -100
 
 
 def is_hf_model(model: Any) -> bool:
