@@ -85,13 +85,13 @@ class ParallelDims:
     def __str__(self) -> str:
         return " × ".join(f"{name}={getattr(self, name)}" for name in MESH_DIMS)
 
-    def build_mesh(self, device_type: str) -> tuple[DeviceMesh, dict[str, DeviceMesh]]:
+    def build_mesh(self, device_type: str, lightning_names: bool = True) -> tuple[DeviceMesh, dict[str, DeviceMesh]]:
         """One mesh over all ranks, and a view for every name the parallelisms use.
 
         Views: the five dims, the flattened ``dp``, ``fsdp``, ``loss``, and, only when
         dp_replicate > 1, ``hsdp`` (dp_replicate, fsdp) — the 2-D mesh FSDP2 shards on. With
-        pp = cp = 1 the root mesh also answers to Lightning's names ``data_parallel`` and
-        ``tensor_parallel``.
+        pp = cp = 1 and ``lightning_names`` the root mesh also answers to Lightning's names
+        ``data_parallel`` and ``tensor_parallel`` (two more process groups).
         Flattened views are kept here because torch wants them bookkept, not re-sliced.
         """
         mesh = init_device_mesh(device_type, tuple(getattr(self, name) for name in MESH_DIMS), mesh_dim_names=MESH_DIMS)
@@ -99,7 +99,7 @@ class ParallelDims:
         views["dp"] = flatten_mesh(mesh["dp_replicate", "dp_shard"], "dp")
         views["fsdp"] = flatten_mesh(mesh["dp_shard", "cp"], "fsdp")
         views["loss"] = flatten_mesh(mesh["dp_replicate", "dp_shard", "cp"], "loss")
-        if self.pp == self.cp == 1:
+        if lightning_names and self.pp == self.cp == 1:
             # the names Lightning's ModelParallelStrategy gives its 2-D mesh, for modules that
             # parallelize themselves in configure_model() (self.device_mesh["tensor_parallel"])
             flatten_mesh(mesh["dp_replicate", "dp_shard"], "data_parallel")

@@ -218,7 +218,8 @@ class ModelParallel4DStrategy(ParallelStrategy):
         dump_dir = str(Path(trainer.default_root_dir if trainer is not None else ".") / "nccl_traces")
         self._faults.connect(self.cluster_environment, backend, self.root_device, self.global_rank, self.world_size, dump_dir, self.async_save)
         if self._state is None:
-            mesh, meshes = self._dims.build_mesh(self.root_device.type)
+            # a module with its own plan does not parallelize itself: it needs no Lightning-named dims
+            mesh, meshes = self._dims.build_mesh(self.root_device.type, lightning_names=not hasattr(module, "parallel_plan"))
             self._state = Parallelized(self._dims, mesh, meshes)
         self._collectives = Collectives(self._state.meshes, self._faults.io_group, self.root_device)
         self._faults.watch([mesh.get_group() for mesh in self._state.meshes.values() if mesh.ndim == 1])
