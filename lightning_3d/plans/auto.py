@@ -125,8 +125,8 @@ def _folder_weights(model: nn.Module, root: str) -> Optional[InitFn]:
     """A model built from a local folder (``from_pretrained`` in ``configure_model()``, whose weights
     the meta device dropped, or ``from_config`` of its config): its weights, read shard by shard."""
     source = getattr(model.config, "_name_or_path", "") or ""
-    if not source:
-        return None
+    if not source or not any(param.is_meta for param in model.parameters()):
+        return None  # not from a folder, or built with real weights (outside configure_model): kept as they are
     folder = Path(source)
     if not (folder / "config.json").is_file():
         raise ConfigError(
