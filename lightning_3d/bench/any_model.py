@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_3d.bench.launch import run_workers
-from lightning_3d.bench.measure import median
+from lightning_3d.bench.measure import add_turn_ratios
 from lightning_3d.bench.turns import TurnTimer, fit_in_turns
 from lightning_3d.strategy import ModelParallel4DStrategy
 
@@ -227,13 +227,8 @@ def run(sizes: dict[str, int], rounds: int, warmup: int) -> dict[str, Any]:
     """Launch the worker on 4 processes; add the per-step and median ratios."""
     args = [f"--{key}={value}" for key, value in sizes.items()]
     result = run_workers(MODULE, DP * TP, *args, "--rounds", str(rounds), "--warmup", str(warmup))
-    ours = [t for times in result["ours"] for t in times]
-    theirs = [t for times in result["lightning"] for t in times]
-    result["step_ratios"] = [b / a for a, b in zip(ours, theirs)]
-    result["ratio"] = median(result["step_ratios"])
-    result["ours_step_s"], result["lightning_step_s"] = median(ours), median(theirs)
     result["sizes"], result["rounds"], result["warmup"] = sizes, rounds, warmup
-    return result
+    return add_turn_ratios(result, "lightning")
 
 
 def main() -> None:

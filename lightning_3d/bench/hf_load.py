@@ -117,6 +117,19 @@ def write_folder(folder: Path, hidden: int, layers: int, vocab: int) -> dict[str
 # ----------------------------------------------------------------------------- the workers
 
 
+def _memory(rank: int, start: float, rss_before: int, file_before: int, shard_bytes: int) -> dict[str, Any]:
+    """What one process reports: its peak and held memory since the measurement started."""
+    return {
+        "rank": rank,
+        "seconds": time.perf_counter() - start,
+        "rss_before": rss_before,
+        "peak": _status("VmHWM"),
+        "held": _status("VmRSS"),
+        "held_file": _status("RssFile") - file_before,
+        "shard_bytes": shard_bytes,
+    }
+
+
 class _CountingInit:
     """Wraps the module's ``init_parameter`` (a :class:`~lightning_3d.pretrained.FolderInit`) to note
     which parameters were read as a slice and which whole."""
@@ -161,13 +174,7 @@ def _worker(out: Path, folder: Path, layout: dict[str, int]) -> None:
             local = [p.to_local() if isinstance(p, DTensor) else p for p in pl_module.parameters()]
             largest_whole = max(counting.whole, key=lambda item: item[1], default=("", 0))
             mine = {
-                "rank": trainer.global_rank,
-                "seconds": time.perf_counter() - start,
-                "rss_before": rss_before,
-                "peak": _status("VmHWM"),
-                "held": _status("VmRSS"),
-                "held_file": _status("RssFile") - file_before,
-                "shard_bytes": sum(t.numel() * t.element_size() for t in local),
+                **_memory(trainer.global_rank, start, rss_before, file_before, sum(t.numel() * t.element_size() for t in local)),
                 "sliced": len(counting.sliced),
                 "whole": len(counting.whole),
                 "whole_bytes": sum(size for _, size in counting.whole),
@@ -211,13 +218,7 @@ def _pretrained_worker(folder: Path) -> None:
 
     def figures() -> dict[str, Any]:
         return {
-            "rank": 0,
-            "seconds": time.perf_counter() - start,
-            "rss_before": rss_before,
-            "peak": _status("VmHWM"),
-            "held": _status("VmRSS"),
-            "held_file": _status("RssFile") - file_before,
-            "shard_bytes": sum(p.numel() * p.element_size() for p in params),
+            **_memory(0, start, rss_before, file_before, sum(p.numel() * p.element_size() for p in params)),
             "dtype": str(params[0].dtype).removeprefix("torch."),
         }
 

@@ -68,6 +68,20 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
+def add_turn_ratios(result: dict[str, Any], other: str) -> dict[str, Any]:
+    """Ours against ``other`` from the per-round step times the two sides took in turns:
+    ``step_ratios`` (steps/s ours ÷ steps/s theirs = their step time ÷ ours, step pair by step
+    pair), their median ``ratio``, each side's median step time (``ours_step_s``,
+    ``<other>_step_s``) and the median extra time per step (``extra_s_per_step``)."""
+    ours = [t for times in result["ours"] for t in times]
+    theirs = [t for times in result[other] for t in times]
+    result["step_ratios"] = [b / a for a, b in zip(ours, theirs)]
+    result["ratio"] = median(result["step_ratios"])
+    result["ours_step_s"], result[f"{other}_step_s"] = median(ours), median(theirs)
+    result["extra_s_per_step"] = median(a - b for a, b in zip(ours, theirs))
+    return result
+
+
 def compose_config(run_dir: Path, overrides: list[str], devices: Optional[int] = None) -> Config:
     """The CLI's config for these overrides, sized to ``devices`` processes on one node, or by
     default to the torchrun world this process is in."""

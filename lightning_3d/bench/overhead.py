@@ -33,10 +33,10 @@ from typing_extensions import override
 from lightning_3d.bench.launch import run_workers
 from lightning_3d.bench.measure import (
     StepTimer,
+    add_turn_ratios,
     bench_overrides,
     compose_config,
     initialized_model,
-    median,
 )
 from lightning_3d.config import Config
 from lightning_3d.data import TextDataModule
@@ -121,14 +121,7 @@ def run(steps: int, rounds: int, warmup: int, threads: int = 1) -> dict[str, Any
     """
     options = {"steps": steps, "rounds": rounds, "warmup": warmup, "threads": threads}
     result = run_workers(MODULE, 1, *(f"--{name}={value}" for name, value in options.items()))
-    # steps/s ours ÷ steps/s plain = plain step time ÷ our step time, step pair by step pair
-    ours = [t for run_times in result["ours"] for t in run_times]
-    plain = [t for run_times in result["plain"] for t in run_times]
-    result["step_ratios"] = [p / o for o, p in zip(ours, plain)]
-    result["ratio"] = median(result["step_ratios"])
-    result["ours_step_s"], result["plain_step_s"] = median(ours), median(plain)
-    result["extra_s_per_step"] = median(o - p for o, p in zip(ours, plain))
-    return result
+    return add_turn_ratios(result, "plain")
 
 
 def main() -> None:

@@ -54,10 +54,10 @@ from typing_extensions import override
 from lightning_3d.bench.launch import run_workers
 from lightning_3d.bench.measure import (
     StepTimer,
+    add_turn_ratios,
     bench_overrides,
     compose_config,
     initialized_model,
-    median,
 )
 from lightning_3d.bench.turns import TurnTimer, fit_in_turns
 from lightning_3d.config import Config
@@ -193,14 +193,7 @@ def _worker(out: Path, steps: int, rounds: int, warmup: int) -> None:
 def run(steps: int, rounds: int, warmup: int) -> dict[str, Any]:
     """Launch the worker on 4 processes; add the per-step and median ratios."""
     result = run_workers(MODULE, DP * TP, "--steps", str(steps), "--rounds", str(rounds), "--warmup", str(warmup))
-    ours = [t for times in result["ours"] for t in times]
-    theirs = [t for times in result["lightning"] for t in times]
-    # steps/s ours ÷ steps/s theirs = their step time ÷ ours, step pair by step pair
-    result["step_ratios"] = [b / a for a, b in zip(ours, theirs)]
-    result["ratio"] = median(result["step_ratios"])
-    result["ours_step_s"], result["lightning_step_s"] = median(ours), median(theirs)
-    result["extra_s_per_step"] = median(a - b for a, b in zip(ours, theirs))
-    return result
+    return add_turn_ratios(result, "lightning")
 
 
 def main() -> None:
