@@ -7,18 +7,15 @@ this process group; rank 0 writes OUT_DIR/<name>.pt with what the case observed.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from case_harness import run_cases
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.utils.data import DataLoader
@@ -228,29 +225,13 @@ def case_bad_module(layout: dict[str, Any], out_dir: Path, module_kwargs: dict[s
     return {"error": None}
 
 
-def main() -> None:
-    out_dir = Path(sys.argv[1])
-    cases = json.loads(sys.argv[2])
-    barrier_group = None
-    for name, case in cases.items():
-        kind, layout = case["kind"], case["layout"]
-        try:
-            if kind == "bad_module":
-                result = case_bad_module(layout, out_dir / name, case["module"])
-            else:
-                result = {"logging": case_logging, "after_fit": case_after_fit, "tied": case_tied, "slow_save": case_slow_save, "slow_validation": case_slow_validation}[kind](layout, out_dir / name)
-        except Exception as error:  # recorded, so the test shows what failed
-            result = {"failed": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-            print(f"rank {os.environ['RANK']} case {name} failed:\n{result['traceback']}", file=sys.stderr, flush=True)
-        if os.environ["RANK"] == "0":
-            torch.save(result, out_dir / f"{name}.pt")
-        if dist.is_initialized():
-            # a group of the harness's own: the strategy shortens the default group's timeout
-            barrier_group = barrier_group or dist.new_group(timeout=timedelta(seconds=300))
-            dist.barrier(group=barrier_group)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def run_case(name: str, case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    kind, layout = case["kind"], case["layout"]
+    if kind == "bad_module":
+        return case_bad_module(layout, out_dir, case["module"])
+    cases = {"logging": case_logging, "after_fit": case_after_fit, "tied": case_tied, "slow_save": case_slow_save, "slow_validation": case_slow_validation}
+    return cases[kind](layout, out_dir)
 
 
 if __name__ == "__main__":
-    main()
+    run_cases(run_case)

@@ -8,11 +8,7 @@ and records the per-step logged losses (and, on request, the full weights).
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from case_harness import run_cases
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -301,25 +298,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def main() -> None:
-    out_dir = Path(sys.argv[1])
-    cases = json.loads(sys.argv[2])
-    barrier_group = None
-    for name, case in cases.items():
-        try:
-            result = (roundtrip if case.get("kind") == "roundtrip" else run)(case, out_dir / name)
-        except Exception as error:  # recorded, so the test shows what failed
-            result = {"failed": f"{type(error).__name__}: {error}", "type": type(error).__name__, "traceback": traceback.format_exc()}
-            print(f"rank {rank()} case {name} failed:\n{result['traceback']}", file=sys.stderr, flush=True)
-        if rank() == 0:
-            torch.save(result, out_dir / f"{name}.pt")
-        if dist.is_initialized():
-            barrier_group = barrier_group or dist.new_group(timeout=timedelta(seconds=300))
-            dist.barrier(group=barrier_group)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------- pretrained folders
 
 
@@ -407,4 +385,4 @@ def roundtrip(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cases(lambda name, case, out_dir: (roundtrip if case.get("kind") == "roundtrip" else run)(case, out_dir))
