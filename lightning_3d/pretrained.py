@@ -71,6 +71,7 @@ class HFFolder:
         except (ValueError, KeyError, OSError) as error:
             raise ConfigError(f"{self.path / CONFIG_FILE}: the architecture cannot be built ({error})") from error
         self.files = self._weight_files()
+        self._meta_model: Optional[torch.nn.Module] = None
         self._file_of: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in self.files:
@@ -118,10 +119,14 @@ class HFFolder:
             raise ConfigError(f"model folder {self.path}: the weights do not fit {CONFIG_FILE}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
 
     def meta_model(self) -> torch.nn.Module:
+        """The model ``config.json`` describes, on the meta device (built once: the checks and the
+        pre-flight's plan read it, nothing changes it)."""
         from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config)
+        if self._meta_model is None:
+            with torch.device("meta"):
+                self._meta_model = AutoModelForCausalLM.from_config(self.config)
+        return self._meta_model
 
     def head_alias(self, name: str) -> tuple[Optional[str], str]:
         """(the embedding's name, ``name``) when ``name`` is a head tied to the embedding."""

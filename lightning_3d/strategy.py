@@ -276,7 +276,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             )
         raise_problems(derived.problems + module_problems(module, plan, self.parallel, self.dims))
         self.model = self.precision_plugin.convert_module(self.model)
-        state.root, state.plan = plan.root, plan
+        state.root = plan.root
         aliases = tied_aliases(module.get_submodule(plan.root), plan.root)
         calls_model = self.dims.pp > 1 and not hasattr(module, "pipeline_batch")
         state.stages = parallelize(

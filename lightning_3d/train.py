@@ -38,12 +38,12 @@ from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
 from lightning_3d.flops import flops_per_token
 from lightning_3d.health import summary
-from lightning_3d.models.llama import PretrainedWeights, Transformer
 from lightning_3d.models.hf import HFCausalLM
+from lightning_3d.models.llama import PretrainedWeights, Transformer
 from lightning_3d.module import CausalLM
+from lightning_3d.nonfinite import NonFiniteError, policy_problems
 from lightning_3d.plans.hf import context_parallel_problems, hf_plan, hf_shape_problems, pipeline_problems
 from lightning_3d.pretrained import HFFolder, model_config_of
-from lightning_3d.nonfinite import NonFiniteError, policy_problems
 from lightning_3d.strategy import ModelParallel4DStrategy
 from lightning_3d.validation import (
     Hardware,

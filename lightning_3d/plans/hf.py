@@ -97,14 +97,6 @@ def _structure(model: nn.Module) -> tuple[str, list[str], str, list[str]]:
     return base_prefix, first, prefix + blocks, last
 
 
-def has_hf_structure(model: nn.Module) -> bool:
-    try:
-        _structure(model)
-    except ConfigError:
-        return False
-    return True
-
-
 def tied_to_input(model: nn.Module) -> bool:
     """Whether the output head shares the input embedding's weight."""
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)

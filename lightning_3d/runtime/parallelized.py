@@ -33,7 +33,6 @@ class Parallelized:
     root: str = ""  # the plan root, once parallelized
     stages: list[tuple[int, nn.Module]] = field(default_factory=list)
     pipeline: Optional[PipelineRunner] = None
-    plan: Optional[ParallelPlan] = None  # None for a module that parallelized itself
     shifted_labels: Optional[ShiftedLabels] = None  # context parallel on a model that shifts labels inside
 
     def attach(self, module: nn.Module) -> None:
