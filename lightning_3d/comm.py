@@ -57,6 +57,11 @@ from lightning_3d.compat import (
 from lightning_3d.config import Config, ModelConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
+from lightning_3d.parallel.data_parallel import (
+    KEEP_GATHERED_STAGES,
+    REDUCE_EVERY_MICROBATCH_STAGES,
+    resolved_reshard_after_forward,
+)
 from lightning_3d.parallel.pipeline_parallel import (
     V_SHAPED,
     num_microbatches,
@@ -302,7 +307,8 @@ def group_labels(meshes: Mapping[str, DeviceMesh]) -> dict[str, str]:
 #
 # One optimizer step of the reference Llama model (models/llama.py with plans/llama.py) on
 # one rank, in the steady state: a pipeline's first step also sends the stages' shape
-# metadata. Each source (a parallelism, or one of the step's own small reductions) is kept
+# metadata. With accumulate_grad_batches = k, a step is k passes (each of its own
+# microbatches under pipeline parallel); data parallel then follows parallel.zero_stage. Each source (a parallelism, or one of the step's own small reductions) is kept
 # apart, keyed by (mesh view, kind), so that each can be checked on its own even where
 # several views share one process group; on_labels() sums them onto the counter's labels.
 
@@ -316,7 +322,8 @@ class _Pass:
     """One rank's share of a forward + backward pass."""
 
     batch: int  # sequences (one microbatch under pipeline parallel)
-    repeats: int  # passes per optimizer step (microbatches under pipeline parallel, else 1)
+    repeats: int  # passes per optimizer step: accumulated micro-batches (× microbatches under pipeline parallel)
+    accumulate: int  # Lightning micro-batches per optimizer step (trainer.accumulate_grad_batches)
     seq: int  # tokens of each sequence on this rank (seq_len / cp)
     blocks: int  # transformer blocks on this rank
     has_embedding: bool
@@ -335,8 +342,6 @@ def modeling_problems(config: Config, dims: ParallelDims) -> list[str]:
     parallel, problems = config.parallel, []
     if config.trainer.precision != "32-true":
         problems.append(f"trainer.precision={config.trainer.precision} (modeled: 32-true)")
-    if config.trainer.accumulate_grad_batches != 1:
-        problems.append(f"trainer.accumulate_grad_batches={config.trainer.accumulate_grad_batches} (modeled: 1)")
     perf = config.perf
     if perf.activation_checkpoint != "none" or perf.compile or perf.float8:
         problems.append("activation checkpointing, torch.compile and float8 are not modeled")
@@ -357,8 +362,8 @@ def expected_step_volume(config: Config, dims: ParallelDims, pp_rank: int = 0) -
     """Analytic communication of one optimizer step on a rank at pipeline position ``pp_rank``.
 
     ``dims``: the run's resolved layout (``strategy.dims``). Returns source → {(mesh view, kind): Volume};
-    sources: ``tp``, ``sp_norm_grads``, ``data_parallel``, ``pp``, ``cp``, ``loss``,
-    ``step_health``. Raises ``ValueError`` for a run it has no formula for
+    sources: ``tp``, ``sp_norm_grads``, ``data_parallel``, ``pp``, ``cp``, ``step_health``
+    (the reference model's training loss rides the step's health check: no loss collective). Raises ``ValueError`` for a run it has no formula for
     (:func:`modeling_problems`).
     """
     problems = modeling_problems(config, dims)
@@ -375,22 +380,23 @@ def expected_step_volume(config: Config, dims: ParallelDims, pp_rank: int = 0) -
         blocks = sum(len(stage_blocks[k]) for k in stage_ids)
     else:
         num_stages, stage_ids, repeats, blocks = 1, [0], 1, model.n_layers
+    accumulate = config.trainer.accumulate_grad_batches
     one = _Pass(
-        batch=config.data.global_batch_size // dims.dp // repeats,
-        repeats=repeats,
+        batch=config.data.global_batch_size // dims.dp // accumulate // repeats,
+        repeats=repeats * accumulate,
+        accumulate=accumulate,
         seq=config.data.seq_len // dims.cp,
         blocks=blocks,
         has_embedding=0 in stage_ids,
         has_head=num_stages - 1 in stage_ids,
     )
-    reshard = parallel.reshard_after_forward if parallel.reshard_after_forward is not None else dims.pp == 1
+    reshard = resolved_reshard_after_forward(parallel, dims.pp)
     sources = {
         "tp": _tensor_parallel(model, parallel.sequence_parallel, dims.tp, one),
         "sp_norm_grads": _sequence_parallel_norm_grads(model, parallel.sequence_parallel, dims.tp, one),
-        "data_parallel": _data_parallel(model, dims, one, reshard),
+        "data_parallel": _data_parallel(model, dims, one, reshard, parallel.zero_stage),
         "pp": _pipeline(model, dims.pp, one, stage_ids, num_stages),
         "cp": _context_parallel(model, parallel.cp_backend, dims.cp, one),
-        "loss": _loss(dims),
         "step_health": _step_health(dims.world_size),
     }
     return {name: table for name, table in sources.items() if table}
@@ -450,7 +456,11 @@ def _unit_sizes(model: ModelConfig, one: _Pass) -> list[tuple[int, bool]]:
     return units
 
 
-def _data_parallel(model: ModelConfig, dims: ParallelDims, one: _Pass, reshard: bool) -> Totals:
+def _data_parallel(model: ModelConfig, dims: ParallelDims, one: _Pass, reshard: bool, zero_stage: Optional[int]) -> Totals:
+    """Gradients are reduced once per optimizer step, on its last micro-batch (ZeRO-2/3:
+    reduce-scattered on every micro-batch; HSDP's replica all-reduce still once). Parameters
+    are gathered for every micro-batch, except under ZeRO-1/2, where they stay gathered
+    from the first micro-batch to the last (parallel.data_parallel.accumulating)."""
     table: Totals = {}
     units = _unit_sizes(model, one)
     if dims.fsdp == 1:  # DDP-style: each unit's gradients all-reduced once
@@ -458,11 +468,13 @@ def _data_parallel(model: ModelConfig, dims: ParallelDims, one: _Pass, reshard: 
             _entry(table, "dp_replicate", "all_reduce", 1, elements * _FP32, dims.dp_replicate)
         return table
     view = "fsdp" if dims.dp_replicate == 1 or dims.cp > 1 else "dp_shard"
+    gathered_once = zero_stage in KEEP_GATHERED_STAGES
+    reductions = one.accumulate if zero_stage in REDUCE_EVERY_MICROBATCH_STAGES else 1
     for elements, resharded in units:
         size = elements * _FP32  # exact when every parameter's first dim divides by the fsdp size
-        gathers = 1 + int(reshard and resharded)  # forward, and again in backward
+        gathers = 1 if gathered_once else one.accumulate * (1 + int(reshard and resharded))  # forward, again in backward
         _entry(table, view, "all_gather", gathers, size, dims.fsdp)
-        _entry(table, view, "reduce_scatter", 1, size, dims.fsdp)
+        _entry(table, view, "reduce_scatter", reductions, size, dims.fsdp)
         _entry(table, "dp_replicate", "all_reduce", 1, size // dims.fsdp, dims.dp_replicate)  # HSDP
     return table
 
@@ -494,19 +506,9 @@ def _context_parallel(model: ModelConfig, backend: str, cp: int, one: _Pass) -> 
     return table
 
 
-def _loss(dims: ParallelDims) -> Totals:
-    """The token count and loss sum, reduced over the loss mesh (float64)."""
-    table: Totals = {}
-    if dims.pp > 1:  # count and mean separately, then the mean over the stages
-        _entry(table, "loss", "all_reduce", 2, _FP64, dims.loss)
-        _entry(table, "pp", "all_reduce", 1, _FP64, dims.pp)
-    else:  # one stacked [count, sum]
-        _entry(table, "loss", "all_reduce", 1, 2 * _FP64, dims.loss)
-    return table
-
-
 def _step_health(world_size: int) -> Totals:
-    """nonfinite.step_health: the squared grad norm and a loss and a grad flag per rank (fp32)."""
+    """nonfinite.step_health, the step's only collective outside the parallelisms: the squared grad
+    norm, the deferred token-loss sum and token count, and a loss and a grad flag per rank (fp64)."""
     table: Totals = {}
-    _entry(table, WORLD, "all_reduce", 1, (1 + 2 * world_size) * _FP32, world_size)
+    _entry(table, WORLD, "all_reduce", 1, (3 + 2 * world_size) * _FP64, world_size)
     return table

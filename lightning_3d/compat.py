@@ -21,10 +21,13 @@ from torch._C._distributed_c10d import _resolve_process_group
 from torch.distributed._composable.replicate_with_fsdp import replicate
 # torch ≥ 2.1: the autograd-aware all-gather the all-gather context-parallel backend uses
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
+# torch ≥ 2.1: the local tensor of an async DTensor collective, and the wait that finishes it (its
+# backward is the identity): compiled blocks get finished inputs (parallel/compile.py)
+from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
 # torch ≥ 2.4: which block of the global tensor a DTensor's local shard is (pretrained weights read only it)
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 # torch ≥ 2.0: wraps a block in torch.utils.checkpoint (activation checkpointing), keeping parameter names
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 # torch ≥ 2.6: pipeline schedule internals — the lowered action table of runtime schedules (forward-only pass)
 from torch.distributed.pipelining.schedules import (
     FORWARD,
@@ -117,3 +120,18 @@ def logs_this_step(trainer: "pl.Trainer") -> bool:
 def split_pipeline_actions(action: Any) -> tuple[Any, ...]:
     """The computations of one lowered schedule action (an overlapped F/B pair holds two)."""
     return action.sub_actions if action.computation_type == OVERLAP_F_B else (action,)
+
+
+def fsdp_parameters(module: "torch.nn.Module") -> list[tuple[Any, Any, Any]]:
+    """(sharded parameter, gathered parameter or None, fp32 accumulated gradient or None) of every
+    parameter FSDP2's ``fully_shard`` / ``replicate`` manages under ``module`` (torch 2.13
+    ``FSDPModule._get_fsdp_state()._fsdp_param_groups[*].fsdp_params``, ``FSDPParam._unsharded_param``):
+    what the ZeRO benchmark's memory probe reads."""
+    from torch.distributed.fsdp import FSDPModule
+
+    states = {id(state): state for unit in module.modules() if isinstance(unit, FSDPModule) for state in [unit._get_fsdp_state()]}
+    # a unit of several modules (fully_shard([norm, output])) is one state, seen from each of them
+    return [
+        (p.sharded_param, getattr(p, "_unsharded_param", None), p.unsharded_accumulated_grad)
+        for state in states.values() for group in state._fsdp_param_groups for p in group.fsdp_params
+    ]

@@ -90,6 +90,9 @@ class ParallelConfig:
     loss_parallel: bool = False
     # data parallel
     reshard_after_forward: Optional[bool] = None  # None: True, except under pipeline parallel
+    # ZeRO stage by name, on FSDP2 (docs/parallelism.md): 3 = reshard after forward, 2 = keep gathered
+    # parameters until backward, 1 = also keep gradients whole while accumulating; None: reshard_after_forward
+    zero_stage: Optional[int] = None
     # pipeline parallel
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zero_bubble | zbv | dualpipev
     microbatches: Optional[int] = None  # per optimizer (micro-)step on each rank; None: one per stage

@@ -16,7 +16,7 @@ from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
 from lightning_3d.config import ModelConfig, OptimConfig, ParallelConfig
-from lightning_3d.loss import token_weighted_loss
+from lightning_3d.loss import count_tokens, cross_entropy_sum, token_weighted_loss
 from lightning_3d.models.llama import PretrainedWeights, Transformer, init_parameter
 from lightning_3d.plans import ParallelPlan, llama_plan
 
@@ -76,8 +76,13 @@ class CausalLM(L.LightningModule):
         logits = self.model(batch["input_ids"], batch.get("positions"))
         return token_weighted_loss(logits, batch["labels"], self._loss_mesh())
 
+    # Under ModelParallel4DStrategy the training loss is a token sum normalized once per optimizer
+    # step (``token_sum_loss``); the strategy then hands over the step's global mean through
+    # ``record_loss`` — also under pipeline parallel, where it runs the schedule itself.
+    train_loss_after_step = True
+
     def record_loss(self, stage: str, global_loss: Tensor, tokens: Tensor) -> None:
-        """Collect a batch's global loss; under pipeline parallel the strategy calls this itself."""
+        """Collect a global loss (a batch's, or for training under our strategy an optimizer step's)."""
         metric = self.train_loss if stage == "train" else self.val_loss
         metric.update(global_loss, weight=tokens)
 
@@ -95,9 +100,13 @@ class CausalLM(L.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, global_loss, tokens = self._losses(batch)
-        self.record_loss("train", global_loss, tokens)
-        return loss
+        token_sum_loss = getattr(self.trainer.strategy, "token_sum_loss", None)
+        if token_sum_loss is None:  # another strategy: the global loss now (one all-reduce per batch)
+            loss, global_loss, tokens = self._losses(batch)
+            self.record_loss("train", global_loss, tokens)
+            return loss
+        logits = self.model(batch["input_ids"], batch.get("positions"))
+        return token_sum_loss(cross_entropy_sum(logits, batch["labels"]), count_tokens(batch["labels"]))
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -1,9 +1,10 @@
 """Non-finite loss or gradient norm: every rank agrees, then the step stops or is skipped.
 
-One all-reduce per step carries the squared gradient norm (needed for clipping anyway) and
-one flag per rank for "my loss is not finite" and "my gradients are not finite". Every
-rank then holds the same verdict, so all of them stop together or all skip the update;
-none can go on into a collective the others left.
+One all-reduce per step carries the squared gradient norm (needed for clipping anyway),
+one flag per rank for "my loss is not finite" and "my gradients are not finite", and the
+step's other scalars (the token-loss sum and token count of a deferred token-weighted loss).
+Every rank then holds the same verdict, so all of them stop together or all skip the
+update; none can go on into a collective the others left.
 """
 
 from __future__ import annotations
@@ -37,24 +38,34 @@ def policy_problems(on_nonfinite: str, max_skipped: int) -> list[str]:
 
 @torch.no_grad()
 def step_health(
-    parameters: Iterable[Tensor], loss: Optional[Tensor], ranks_per_stage: int, device: torch.device
-) -> tuple[Tensor, list[int], list[int]]:
-    """``(global gradient norm, ranks whose loss is not finite, ranks whose gradients are not finite)``."""
+    parameters: Iterable[Tensor],
+    loss: Optional[Tensor],
+    ranks_per_stage: int,
+    device: torch.device,
+    step_sums: Optional[Tensor] = None,
+) -> tuple[Tensor, list[int], list[int], Optional[Tensor]]:
+    """``(global gradient norm, ranks whose loss is not finite, ranks whose gradients are not finite,
+    step_sums summed over every rank)``: one all-reduce (float64, so token counts stay exact)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     square_sum = local_grad_square_sum(parameters, ranks_per_stage, device)
+    extra = 0 if step_sums is None else step_sums.numel()
     # filled on the device: the only host sync is reading the reduced flags
-    flags = torch.zeros(1 + 2 * world_size, dtype=torch.float32, device=device)
-    flags[0] = square_sum
+    values = torch.zeros(1 + extra + 2 * world_size, dtype=torch.float64, device=device)
+    values[0] = square_sum
+    if step_sums is not None:
+        values[1 : 1 + extra] = step_sums
+    flags = 1 + extra
     if loss is not None:
-        flags[1 + rank] = (~torch.isfinite(loss.detach())).any().float()
-    flags[1 + world_size + rank] = (~torch.isfinite(square_sum)).float()
+        values[flags + rank] = (~torch.isfinite(loss.detach())).any().double()
+    values[flags + world_size + rank] = (~torch.isfinite(square_sum)).double()
     if world_size > 1:
-        dist.all_reduce(flags)
-    flags = flags.cpu()
-    bad_loss = [r for r in range(world_size) if flags[1 + r] > 0]
-    bad_grads = [r for r in range(world_size) if flags[1 + world_size + r] > 0]
-    return flags[0].sqrt().to(device), bad_loss, bad_grads
+        dist.all_reduce(values)
+    reduced = values.cpu()
+    bad_loss = [r for r in range(world_size) if reduced[flags + r] > 0]
+    bad_grads = [r for r in range(world_size) if reduced[flags + world_size + r] > 0]
+    sums = reduced[1 : 1 + extra] if step_sums is not None else None
+    return values[0].sqrt().float(), bad_loss, bad_grads, sums
 
 
 class NonFiniteGuard:

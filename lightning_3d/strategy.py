@@ -40,6 +40,7 @@ from lightning_3d.errors import ConfigError
 from lightning_3d.launcher import SubprocessLauncher
 from lightning_3d.parallel import parallelize
 from lightning_3d.parallel.context_parallel import shard_batch
+from lightning_3d.parallel.data_parallel import accumulating
 from lightning_3d.parallel.materialize import meta_parameters
 from lightning_3d.parallel.tied import tied_aliases
 from lightning_3d.plans.auto import model_plan
@@ -249,7 +250,11 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self._collectives.attach_metrics(module)
         if state.pipeline is not None:
             state.pipeline.attach(trainer)
-        self._guard.setup(self.world_size // self.dims.pp, self.root_device)
+            state.pipeline.defer = self._guard.defer
+        # a token-loss sum counts once per data shard: on the first tp rank of the stage holding the loss
+        holds_loss = state.pipeline is None or state.pipeline.holds_last_stage
+        counts_loss = holds_loss and self.meshes["tp"].get_local_rank() == 0
+        self._guard.setup(self.world_size // self.dims.pp, self.root_device, self.meshes["loss"].size(), counts_loss)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -342,18 +347,49 @@ class ModelParallel4DStrategy(ParallelStrategy):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._run_step("predict", self.precision_plugin.predict_step_context(), self.lightning_module.predict_step, *args, **kwargs)
 
+    def token_sum_loss(self, summed: Tensor, tokens: Tensor) -> Tensor:
+        """The loss to backward for a token-weighted mean over the whole optimizer step, with no
+        collective in the forward pass.
+
+        ``summed``: this rank's summed token losses of the micro-batch; ``tokens``: how many
+        tokens it scored. Returns ``summed`` × (ranks the data is spread over). After backward,
+        the step's check (one all-reduce) adds up the sums and counts of every micro-batch and
+        rank; the gradients are then divided by the global token count before any hook or the
+        optimizer sees them, and ``record_loss("train", global_mean, tokens)`` is called on the
+        module (which must define it).
+        """
+        self._guard.defer(summed, tokens)
+        return summed * self.meshes["loss"].size()
+
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         with self._step_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning runs every micro-batch of an optimizer step but the last inside this: the
+        data-parallel gradient reductions wait for the last one (:func:`accumulating`). Under
+        PP the schedule reduces at the end of each of its steps itself (docs/parallelism.md)."""
+        if self.dims.pp > 1:
+            yield
+            return
+        with accumulating(self.lightning_module, self.parallel.zero_stage):
+            yield
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any) -> Any:
         """Forward and backward, then one agreed check of the loss and gradient norm on every rank,
         then (unless the step stops or is skipped) clipping and the optimizer update."""
         loss = closure()
-        step = self.lightning_module.trainer.global_step
-        if self._guard.should_skip(self.precision_plugin.main_params(optimizer), loss, step):
+        module = self.lightning_module
+        trainer = module.trainer
+        step = trainer.global_step
+        skip = self._guard.should_skip(self.precision_plugin.main_params(optimizer), loss, step, trainer.accumulate_grad_batches)
+        if self._guard.step_loss is not None:  # a deferred token loss: its global mean is known now
+            module.record_loss("train", *self._guard.step_loss)
+        if skip:
             optimizer.zero_grad(set_to_none=True)
             result = None
         else:

@@ -29,6 +29,7 @@ from lightning_3d.parallel.compile import compile_problems, float8_problems
 from lightning_3d.parallel.data_parallel import (
     SUPPORTED_PRECISIONS,
     data_parallel_problems,
+    zero_stage_problems,
 )
 from lightning_3d.parallel.pipeline_parallel import (
     NEEDS_MICROBATCHES_PER_STAGE,
@@ -115,7 +116,7 @@ def perf_problems(
     if accelerator == "auto":
         accelerator = "gpu" if (hardware.cuda_devices if hardware else torch.cuda.device_count()) else "cpu"
     problems = activation_checkpoint_problems(perf.activation_checkpoint, perf.ac_every)
-    problems += compile_problems(perf.compile, perf.compile_backend, accelerator, dims.tp if dims else 1)
+    problems += compile_problems(perf.compile, perf.compile_backend, accelerator)
     on_gpu = accelerator in ("gpu", "cuda")
     capability = (hardware or Hardware.detect()).capability if perf.float8 and on_gpu else None
     problems += float8_problems(perf.float8, accelerator, dims.tp if dims else 1, capability)
@@ -224,6 +225,7 @@ def layout_problems(
         problems.append(str(error))
     tp = max(parallel.tp, 1)
     problems += _pipeline_problems(parallel, model)
+    problems += zero_stage_problems(parallel, dims)
     if parallel.cp_backend not in VALID_CP_BACKENDS:
         problems.append(f"parallel.cp_backend={parallel.cp_backend!r} is not one of {list(VALID_CP_BACKENDS)}")
     elif parallel.cp > 1 and parallel.cp_backend == "native":

@@ -4,7 +4,9 @@ usage: torchrun ... tests/comm_worker.py OUT_DIR CASES_JSON
 CASES_JSON: {"case name": [hydra overrides...], ...}. For every case rank 0 writes
 OUT_DIR/<name>.json: one entry per rank with the measured totals of each step, the ops of
 the last step, the analytic volume of a step on the counter's labels (in all and by
-source) and the comm/ metrics the callback logged. Totals are {"dim/kind": {count, bytes, wire_bytes}}.
+source) and the comm/ metrics the callback logged. Totals are {"dim/kind": {count, bytes, wire_bytes}};
+"steps" are optimizer steps (the callback's training batches summed over each step's
+accumulated micro-batches), "microbatches" the training batches themselves.
 Then OUT_DIR/sweep.json: what the counter records for one op of each kind, per rank.
 """
 
@@ -20,12 +22,24 @@ import torch.distributed._functional_collectives as funcol
 from parity_worker import compose_case
 
 from lightning_3d.callbacks.comm import CommAccounting
-from lightning_3d.comm import CommCounter, Totals, expected_step_volume, on_labels, view_labels
+from lightning_3d.comm import CommCounter, Totals, Volume, expected_step_volume, on_labels, view_labels
 from lightning_3d.train import build, shutdown_distributed
 
 
 def plain(table: Totals) -> dict[str, dict[str, float]]:
     return {f"{dim}/{kind}": volume.as_dict() for (dim, kind), volume in sorted(table.items())}
+
+
+def optimizer_steps(batches: list[Totals], accumulate: int) -> list[Totals]:
+    """The training batches' totals summed over the micro-batches of each optimizer step."""
+    steps = []
+    for start in range(0, len(batches), accumulate):
+        step: Totals = {}
+        for batch in batches[start : start + accumulate]:
+            for key, volume in batch.items():
+                step[key] = step.get(key, Volume()) + volume
+        steps.append(step)
+    return steps
 
 
 def run_case(name: str, overrides: list[str], out_dir: Path) -> None:
@@ -37,7 +51,8 @@ def run_case(name: str, overrides: list[str], out_dir: Path) -> None:
     labels = view_labels(strategy.meshes)
     expected = expected_step_volume(config, strategy.dims, pp_rank=strategy.meshes["pp"].get_local_rank())
     result = {
-        "steps": [plain(step) for step in accounting.steps],
+        "steps": [plain(step) for step in optimizer_steps(accounting.steps, trainer.accumulate_grad_batches)],
+        "microbatches": [plain(batch) for batch in accounting.steps],
         "ops": sorted({f"{r.op} {r.kind} {r.bytes}" for r in accounting.last_records}),
         "expected": plain(on_labels(expected, labels)),
         "expected_by_source": {source: plain(on_labels({source: table}, labels)) for source, table in expected.items()},

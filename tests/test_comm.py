@@ -4,8 +4,9 @@ One torchrun group of 2 ranks trains each layout for 2 steps of the debug recipe
 CommAccounting callback (tests/comm_worker.py). In a 2-rank job every size-2 mesh dim is
 the default process group itself, so a case's step lands on one label (its dim); the
 analytic volumes keep the sources apart (the parallelism, the loss reduction, the step's
-grad-norm check), which is how the ratios below are taken. After the cases, the same group
-runs one op of each kind under the counter (the sweep).
+grad-norm check), which is how the ratios below are taken. With gradient accumulation a
+step is the sum of its micro-batches. After the cases, the same group runs one op of each
+kind under the counter (the sweep).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lightning_3d.comm import PARTIAL_GRAD_REDUCTIONS
 
 WORKER = PARITY_WORKER.with_name("comm_worker.py")
 STEPS = ["trainer.max_steps=2"]
+ACCUMULATE4 = "trainer.accumulate_grad_batches=4"
 TP = ["parallel.dp_shard=1", "parallel.tp=2"]
 CASES = {
     "tp2": DEBUG + STEPS + TP + ["parallel.sequence_parallel=false"],
@@ -28,6 +30,11 @@ CASES = {
     "ddp2": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
     "pp2_1f1b": DEBUG + STEPS + pp(2, "1f1b") + ["parallel.dp_shard=1"],
     "cp2_ring": DEBUG + STEPS + ["parallel.cp=2", "parallel.dp_shard=1"],
+    # 4 micro-batches of 1 sequence per rank and optimizer step
+    "fsdp2_accumulate4": DEBUG + STEPS + ["parallel.dp_shard=2", ACCUMULATE4],
+    "ddp2_accumulate4": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1", ACCUMULATE4],
+    **{f"fsdp2_zero{stage}_accumulate4": DEBUG + STEPS + ["parallel.dp_shard=2", f"parallel.zero_stage={stage}", ACCUMULATE4]
+       for stage in (1, 2, 3)},
 }
 
 # the debug model (conf/model/debug.yaml) in fp32 bytes: 4 blocks, dim 64, ffn 128, vocab 512
@@ -35,8 +42,9 @@ BLOCK = 4 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64)  # 164352
 EMBEDDING = 4 * 512 * 64
 HEAD = 4 * (64 + 512 * 64)  # final norm + output
 PARAMS = 4 * BLOCK + EMBEDDING + HEAD  # 919808
-STEP_HEALTH = 4 * (1 + 2 * 2)  # squared grad norm + a loss and a grad flag per rank, fp32
-LOSS = 2 * 8  # token count and loss sum, fp64
+# the step's one extra all-reduce: squared grad norm, token-loss sum, token count, and a loss
+# and a grad flag per rank, fp64 (the training loss needs no collective of its own)
+STEP_HEALTH = 8 * (3 + 2 * 2)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +147,10 @@ def test_fsdp_by_hand(runs):
     assert last_step(runs, "fsdp2") == {
         "dp_shard/all_gather": {"count": 10, "bytes": gathered, "wire_bytes": gathered / 2},
         "dp_shard/reduce_scatter": {"count": 6, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
-        "dp_shard/all_reduce": {"count": 2, "bytes": LOSS + STEP_HEALTH, "wire_bytes": LOSS + STEP_HEALTH},
+        "dp_shard/all_reduce": {"count": 1, "bytes": STEP_HEALTH, "wire_bytes": STEP_HEALTH},
     }
     # DDP-style: one all-reduce per unit
-    assert last_step(runs, "ddp2")["dp_replicate/all_reduce"]["count"] == 6 + 2
+    assert last_step(runs, "ddp2")["dp_replicate/all_reduce"]["count"] == 6 + 1
 
 
 def test_fsdp_to_ddp_wire_ratio(runs):
@@ -177,7 +185,56 @@ def test_steps_repeat_and_metrics_are_logged(runs):
         results = runs[case]
         if case != "pp2_1f1b":
             assert results[0]["steps"][0] == results[0]["steps"][1], case
-        dims = {key.split("/")[0] for key in last_step(runs, case)}
-        for dim in dims:
+        # the callback logs each training batch: with accumulation, a step's last micro-batch
+        last_batch = results[0]["microbatches"][-1]
+        for dim in {key.split("/")[0] for key in last_batch}:
             logged = results[0]["logged"][f"comm/{dim}_bytes"]
-            assert logged == sum(v["bytes"] for k, v in last_step(runs, case).items() if k.startswith(f"{dim}/"))
+            assert logged == sum(v["bytes"] for k, v in last_batch.items() if k.startswith(f"{dim}/"))
+
+
+def data_parallel_step(runs: dict, case: str) -> dict:
+    """The last step's measured totals less the loss reductions and the step's health check
+    (their analytic volumes, each its own source): what data parallel moved."""
+    step = {key: dict(volume) for key, volume in last_step(runs, case).items()}
+    for source in ("loss", "step_health"):
+        for key, volume in runs[case][0]["expected_by_source"].get(source, {}).items():
+            step[key] = {field: step[key][field] - volume[field] for field in volume}
+    return {key: volume for key, volume in step.items() if volume["count"]}
+
+
+def test_accumulated_micro_batches_reduce_gradients_once_per_step(runs):
+    # accumulate_grad_batches=4: the gradients are reduce-scattered (FSDP2) or all-reduced
+    # (DDP-style) on the step's last micro-batch only, not on each of the 4
+    gathered = 2 * PARAMS - BLOCK - HEAD  # FSDP2 still gathers the units for every micro-batch
+    fsdp = {
+        "dp_shard/all_gather": {"count": 4 * 10, "bytes": 4 * gathered, "wire_bytes": 4 * gathered / 2},
+        "dp_shard/reduce_scatter": {"count": 6, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
+    }
+    assert data_parallel_step(runs, "fsdp2_accumulate4") == fsdp
+    assert runs["fsdp2_accumulate4"][0]["expected_by_source"]["data_parallel"] == fsdp
+    assert data_parallel_step(runs, "fsdp2_accumulate4")["dp_shard/reduce_scatter"] == data_parallel_step(runs, "fsdp2")["dp_shard/reduce_scatter"]
+    assert data_parallel_step(runs, "ddp2_accumulate4") == data_parallel_step(runs, "ddp2") == {
+        "dp_replicate/all_reduce": {"count": 6, "bytes": PARAMS, "wire_bytes": PARAMS},
+    }
+    # only the step's last micro-batch reduces gradients
+    micro_batches = runs["fsdp2_accumulate4"][0]["microbatches"][-4:]
+    assert [("dp_shard/reduce_scatter" in batch) for batch in micro_batches] == [False, False, False, True]
+    # the step's other collective: the health check (which also carries the loss), once per step
+    for case, single in (("fsdp2_accumulate4", "fsdp2"), ("ddp2_accumulate4", "ddp2")):
+        accumulated, one = runs[case][0]["expected_by_source"], runs[single][0]["expected_by_source"]
+        assert accumulated["step_health"] == one["step_health"]
+        assert "loss" not in accumulated and "loss" not in one
+
+
+def test_zero_stages_under_accumulation(runs):
+    # 4 micro-batches per step on dp_shard=2. ZeRO-1: gathered once, reduced once (whole
+    # gradients meanwhile); ZeRO-2: gathered once, reduce-scattered per micro-batch; ZeRO-3:
+    # gathered for every forward and backward, reduce-scattered per micro-batch
+    def volume(stage: int, kind: str) -> tuple[int, float]:
+        entry = last_step(runs, f"fsdp2_zero{stage}_accumulate4")[f"dp_shard/{kind}"]
+        return entry["count"], entry["bytes"]
+
+    assert volume(1, "all_gather") == volume(2, "all_gather") == (6, PARAMS)
+    assert volume(3, "all_gather") == (4 * 10, 4 * (2 * PARAMS - BLOCK - HEAD))
+    assert volume(1, "reduce_scatter") == (6, PARAMS)
+    assert volume(2, "reduce_scatter") == volume(3, "reduce_scatter") == (4 * 6, 4 * PARAMS)

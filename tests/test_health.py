@@ -91,9 +91,9 @@ def _params_with_grads(*grads: float) -> list[torch.nn.Parameter]:
 
 
 def test_step_health_on_one_process() -> None:
-    norm, bad_loss, bad_grads = step_health(_params_with_grads(1.0, 2.0), torch.tensor(2.5), 1, torch.device("cpu"))
+    norm, bad_loss, bad_grads, _ = step_health(_params_with_grads(1.0, 2.0), torch.tensor(2.5), 1, torch.device("cpu"))
     assert norm.item() == pytest.approx((3 * 1 + 3 * 4) ** 0.5) and bad_loss == [] and bad_grads == []
-    _, bad_loss, bad_grads = step_health(_params_with_grads(1.0, float("inf")), torch.tensor(float("nan")), 1, torch.device("cpu"))
+    _, bad_loss, bad_grads, _ = step_health(_params_with_grads(1.0, float("inf")), torch.tensor(float("nan")), 1, torch.device("cpu"))
     assert bad_loss == [0] and bad_grads == [0]
 
 
@@ -125,7 +125,7 @@ def test_recipe_with_an_unknown_key_is_named_with_the_valid_ones(tmp_path, monke
     problems = train.recipe_key_problems(["recipe=typo"])
     assert problems == [
         f"{tmp_path / 'typo.yaml'}: unknown config key 'parallel.tpp' (did you mean parallel.tp?); valid keys at parallel: "
-        "dp_replicate, dp_shard, cp, tp, pp, sequence_parallel, loss_parallel, reshard_after_forward, pp_schedule, "
+        "dp_replicate, dp_shard, cp, tp, pp, sequence_parallel, loss_parallel, reshard_after_forward, zero_stage, pp_schedule, "
         "microbatches, stages_per_rank, pp_layers, pp_embedding_weight, pp_head_weight, cp_backend, init_timeout_s, timeout_s"
     ]
     assert train.recipe_key_problems(["recipe=missing"]) == []  # Hydra lists the available recipes

@@ -25,6 +25,7 @@ from lightning_3d.parallel.context_parallel import apply_context_parallel
 from lightning_3d.parallel.data_parallel import (
     apply_data_parallel,
     mixed_precision_policy,
+    resolved_reshard_after_forward,
 )
 from lightning_3d.parallel.materialize import InitFn, has_meta_parameters, materialize
 from lightning_3d.parallel.model_call import use_ring_attention
@@ -91,7 +92,7 @@ def parallelize(
     else:
         stages = [(0, model)]
     perf = perf or PerfConfig()
-    reshard = config.reshard_after_forward if config.reshard_after_forward is not None else dims.pp == 1
+    reshard = resolved_reshard_after_forward(config, dims.pp)
     for _, part in stages:
         if not on_meta:
             part.to(device)

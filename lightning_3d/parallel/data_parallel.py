@@ -11,9 +11,18 @@ Levers: ``prefetch`` > 1 all-gathers that many blocks ahead in forward and backw
 ``cpu_offload`` keeps the sharded parameters, gradients and optimizer states in CPU memory
 (far less device memory; every step copies them to and from the device, and the
 optimizer step runs on the CPU).
+
+ZeRO stages by name (``parallel.zero_stage``), as FSDP2 settings over the ``fsdp`` ranks:
+3 reshards parameters after forward; 2 keeps them gathered from forward to backward; 1
+also keeps gradients whole while a step's micro-batches accumulate (see
+:func:`accumulating`). Optimizer states follow the parameter shards in every stage.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,6 +36,7 @@ from torch.distributed.fsdp import (
 )
 
 from lightning_3d.compat import replicate
+from lightning_3d.config import ParallelConfig
 from lightning_3d.dims import ParallelDims
 from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.tensor_parallel import blocks_of, present_module
@@ -47,6 +57,86 @@ def data_parallel_problems(dims: ParallelDims, prefetch: int, cpu_offload: bool)
             "keeps whole replicas (DDP-style): use parallel.dp_shard > 1"
         )
     return problems
+
+
+ZERO_STAGES = (1, 2, 3)
+# the stage's FSDP2 reshard_after_forward: only stage 3 frees gathered parameters after forward
+_ZERO_RESHARD = {1: False, 2: False, 3: True}
+# stages whose parameters stay gathered from one accumulated micro-batch to the next
+KEEP_GATHERED_STAGES = (1, 2)
+# stages whose gradients are reduce-scattered on every micro-batch (they stay sharded)
+REDUCE_EVERY_MICROBATCH_STAGES = (2, 3)
+
+
+def resolved_reshard_after_forward(config: ParallelConfig, pp: int) -> bool:
+    """FSDP2's ``reshard_after_forward``: the ZeRO stage's, else the option's, else on without
+    pipeline parallel (a schedule would gather every unit again for each microbatch)."""
+    if config.zero_stage in _ZERO_RESHARD:
+        return _ZERO_RESHARD[config.zero_stage]
+    return config.reshard_after_forward if config.reshard_after_forward is not None else pp == 1
+
+
+def zero_stage_problems(config: ParallelConfig, dims: Optional[ParallelDims]) -> list[str]:
+    """Why ``parallel.zero_stage`` cannot be had with this layout (``dims``: None when it did not resolve)."""
+    stage = config.zero_stage
+    if stage is None:
+        return []
+    if stage not in ZERO_STAGES:
+        return [f"parallel.zero_stage={stage} is not one of {list(ZERO_STAGES)} (or null: set reshard_after_forward yourself)"]
+    problems = []
+    implied = _ZERO_RESHARD[stage]
+    if config.reshard_after_forward is not None and config.reshard_after_forward != implied:
+        problems.append(
+            f"parallel.zero_stage={stage} means reshard_after_forward={str(implied).lower()}, but "
+            f"parallel.reshard_after_forward={str(config.reshard_after_forward).lower()}: set one of the two (or both alike)"
+        )
+    if dims is not None and dims.fsdp == 1:
+        problems.append(
+            f"parallel.zero_stage={stage} shards over dp_shard × cp = {dims.dp_shard} × {dims.cp} = 1 rank: nothing to shard; "
+            "use parallel.dp_shard > 1, or zero_stage=null for whole replicas (DDP-style)"
+        )
+    if config.pp > 1:
+        problems.append(
+            f"parallel.zero_stage={stage} with pp={config.pp}: the pipeline schedule keeps whole gradients over its "
+            "microbatches and reduces them once per schedule step, whatever the stage; set parallel.reshard_after_forward instead"
+        )
+    return problems
+
+
+@contextmanager
+def accumulating(module: nn.Module, zero_stage: Optional[int]) -> Iterator[None]:
+    """Around a micro-batch that is not the last of its optimizer step (Lightning's
+    ``block_backward_sync``): the data-parallel reductions that can wait for the last one.
+
+    By ``zero_stage``:
+
+    - None, 1: no gradient reduction at all; whole gradients accumulate on every rank
+      (FSDP2, HSDP and DDP-style ``replicate`` alike) and are reduced once, on the last micro-batch;
+    - 2, 3: gradients are reduce-scattered on every micro-batch, so they stay sharded; HSDP's
+      all-reduce over the replicas waits for the last micro-batch;
+    - 1, 2: gathered parameters stay gathered from one micro-batch to the next (one
+      all-gather per unit and optimizer step); None and 3 reshard after each backward.
+
+    FSDP2's ``is_last_backward`` stays on: each micro-batch's backward is a whole one. Its
+    end-of-backward bookkeeping keeps HSDP's partial sums and clears the forward order that
+    backward prefetching follows; switched off between micro-batches (as torch's pipeline
+    stages do), the first unit's backward prefetched the previous micro-batch's last unit:
+    one wasted all-gather per step.
+    """
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        if zero_stage in REDUCE_EVERY_MICROBATCH_STAGES:
+            unit.set_requires_all_reduce(False, recurse=False)
+        else:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        if zero_stage in KEEP_GATHERED_STAGES:
+            unit.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)  # reduce-scatter and all-reduce
+            unit.set_reshard_after_backward(True, recurse=False)
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:

@@ -30,6 +30,11 @@ def _local_and_shards(grad: Tensor) -> tuple[Tensor, int]:
     return grad, 1
 
 
+def local_grads(parameters: Iterable[Tensor]) -> list[Tensor]:
+    """This rank's part of every gradient (the local shard of a DTensor), for in-place scaling."""
+    return [_local_and_shards(param.grad)[0] for param in parameters if param.grad is not None]
+
+
 @torch.no_grad()
 def reduce_partial_grads(parameters: Iterable[Tensor]) -> int:
     """Sum gradients that are still pending sums (``Partial`` DTensors) over their mesh; return how many.
@@ -82,7 +87,7 @@ def clip_grad_norm_(
     if norm is None:
         norm = global_grad_norm(parameters, ranks_per_stage, device)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for param in parameters:
-        if param.grad is not None:
-            _local_and_shards(param.grad)[0].mul_(scale)
+    grads = local_grads(parameters)
+    if grads:
+        torch._foreach_mul_(grads, scale)
     return norm

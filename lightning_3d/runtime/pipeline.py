@@ -17,7 +17,7 @@ Two ways in:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -128,6 +128,8 @@ class PipelineRunner:
         self.shifted_labels: Optional[ShiftedLabels] = None
         self._step: Optional[tuple[pl.LightningModule, str, int]] = None
         self._calls = 0
+        # the strategy's StepGuard.defer: takes a training step's local token-loss sum and count
+        self.defer: Optional[Callable[[Tensor, Tensor], None]] = None
 
     def attach(self, trainer: "pl.Trainer") -> None:
         """The schedule runs backward inside training_step: Lightning's closure must not
@@ -182,9 +184,41 @@ class PipelineRunner:
         """Run the schedule on this rank's batch; return the global token-weighted mean loss
         (the same on every rank) after handing it to ``module.record_loss``."""
         inputs, labels = module.pipeline_batch(batch)
+        if stage == "train" and getattr(module, "train_loss_after_step", False) and self.defer is not None:
+            return self._run_deferred(module, inputs, labels, batch_idx)
         global_loss, tokens = self._run(module, inputs, labels, stage, batch_idx)
         module.record_loss(stage, global_loss, tokens)
         return global_loss
+
+    def _zero_grad_at_step_start(self, module: "pl.LightningModule", batch_idx: int) -> int:
+        """Zero the gradients on the first batch of an optimizer step; return the accumulation."""
+        trainer = module.trainer
+        accumulate = trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:
+            for optimizer in trainer.optimizers:
+                module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
+        return accumulate
+
+    def _run_deferred(self, module: "pl.LightningModule", inputs: Tensor, labels: Tensor, batch_idx: int) -> Tensor:
+        """A training schedule with no collective outside the stages' own: the microbatch losses are
+        token sums × (loss-mesh size ÷ accumulation), the same scale as a deferred loss outside PP;
+        this rank's sum and count go to the step's check (``defer``), which normalizes the gradients."""
+        accumulate = self._zero_grad_at_step_start(module, batch_idx)
+        self.loss.scale = self.meshes["loss"].size() / accumulate
+        losses: list[Tensor] = []
+        self.train_schedule.step(
+            *((inputs,) if self.holds_first_stage else ()),
+            target=labels if self.holds_last_stage else None,
+            losses=losses,
+            return_outputs=False,
+        )
+        if self.tied and not is_accumulating(module.trainer):
+            self._sum_tied_grads()
+        local_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.holds_last_stage:
+            local_sum += torch.stack(losses).detach().double().sum() / self.loss.scale
+        self.defer(local_sum, count_tokens(labels) if self.holds_last_stage else torch.zeros((), device=self.device))
+        return local_sum.float()
 
     def _run(
         self, module: "pl.LightningModule", inputs: Tensor, labels: Tensor, stage: str, batch_idx: int, preshifted: bool = False
@@ -197,10 +231,7 @@ class PipelineRunner:
         local_tokens = count_shifted_tokens(labels, shifted) if self.plan.shifts_labels else count_tokens(labels)
         tokens = sum_over(local_tokens, loss_mesh)
         trainer = module.trainer
-        accumulate = trainer.accumulate_grad_batches if stage == "train" else 1
-        if stage == "train" and batch_idx % accumulate == 0:  # first batch of an optimizer step
-            for optimizer in trainer.optimizers:
-                module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
+        accumulate = self._zero_grad_at_step_start(module, batch_idx) if stage == "train" else 1
         self.loss.scale = loss_mesh.size() / (tokens.clamp(min=1) * accumulate).float()
         if self.plan.pipeline_loss is not None and self.last_stage is not None:
             own_loss, last = self.plan.pipeline_loss, self.last_stage

@@ -2,9 +2,13 @@
 
 1. Gradients still pending a sum (``Partial`` DTensors under sequence parallel) are
    reduced once, so the norm is exact and AdamW does not reduce them at every read.
-2. One all-reduce over every rank carries the squared gradient norm and each rank's
-   non-finite flags: every rank reaches the same verdict (go on, skip, stop) together.
-3. Clipping reuses that norm instead of computing it again.
+2. One all-reduce over every rank carries the squared gradient norm, each rank's
+   non-finite flags and, for a deferred token-weighted loss, the step's token-loss sum and
+   token count: every rank reaches the same verdict (go on, skip, stop) together.
+3. A deferred loss was backpropagated as a token sum: the gradients are divided by the
+   step's global token count here (as Megatron's per-token loss does), before any hook or
+   the optimizer reads them, so no collective runs inside the forward pass.
+4. Clipping reuses that norm instead of computing it again.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_3d.nonfinite import NonFiniteGuard, step_health
-from lightning_3d.parallel.grad_clip import clip_grad_norm_, reduce_partial_grads
+from lightning_3d.parallel.grad_clip import clip_grad_norm_, local_grads, reduce_partial_grads
 
 
 class StepGuard:
@@ -30,16 +34,44 @@ class StepGuard:
         self._norm_for_clipping: Optional[Tensor] = None
         self.ranks_per_stage = 1
         self.device = torch.device("cpu")
+        self.loss_mesh_size = 1
+        self.counts_loss = True  # whether this rank's token-loss sums count (one rank per data shard)
+        # (token-loss sum, token count) of this rank's deferred micro-batches in the current step
+        self._deferred: Optional[Tensor] = None
+        self.step_loss: Optional[tuple[Tensor, Tensor]] = None  # the last step's (global mean loss, tokens)
 
-    def setup(self, ranks_per_stage: int, device: torch.device) -> None:
+    def setup(self, ranks_per_stage: int, device: torch.device, loss_mesh_size: int = 1, counts_loss: bool = True) -> None:
         self.ranks_per_stage, self.device = ranks_per_stage, device
+        self.loss_mesh_size, self.counts_loss = loss_mesh_size, counts_loss
 
-    def should_skip(self, params: Iterable[Tensor], loss: Optional[Tensor], step: int) -> bool:
+    @torch.no_grad()
+    def defer(self, summed: Tensor, tokens: Tensor) -> None:
+        """Add a micro-batch's local token-loss sum and token count to the step's (reduced with the step's check)."""
+        if self._deferred is None:
+            self._deferred = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.counts_loss:
+            self._deferred += torch.stack([summed.detach().double(), tokens.detach().double()])
+
+    def should_skip(self, params: Iterable[Tensor], loss: Optional[Tensor], step: int, accumulate: int = 1) -> bool:
         """Reduce pending gradients, agree on the loss and gradient norm; raise on "stop",
-        True on "skip" (the caller drops the update)."""
+        True on "skip" (the caller drops the update).
+
+        ``accumulate``: the micro-batches of this step whose losses were divided by it (Lightning's
+        gradient accumulation); a deferred token sum is then normalized by ``accumulate / tokens``.
+        """
         params = list(params)
         reduce_partial_grads(params)
-        norm, bad_loss, bad_grads = step_health(params, loss, self.ranks_per_stage, self.device)
+        deferred, self._deferred = self._deferred, None
+        norm, bad_loss, bad_grads, sums = step_health(params, loss, self.ranks_per_stage, self.device, deferred)
+        self.step_loss = None
+        if sums is not None:
+            loss_sum, tokens = sums.tolist()
+            factor = accumulate / max(tokens, 1.0)
+            grads = local_grads(params)
+            if grads:
+                torch._foreach_mul_(grads, factor)
+            norm = norm * factor
+            self.step_loss = (torch.tensor(loss_sum / max(tokens, 1.0), device=self.device), torch.tensor(tokens, device=self.device))
         self.last_grad_norm = norm
         skip = self.nonfinite.should_skip(step, bad_loss, bad_grads)
         self._norm_for_clipping = None if skip else norm
