@@ -442,18 +442,24 @@ def _sequence_parallel_norm_grads(model: ModelConfig, sequence_parallel: bool, t
 
 def _unit_sizes(model: ModelConfig, one: _Pass) -> list[tuple[int, bool]]:
     """(parameter elements, resharded after forward when resharding is on) of each FSDP unit:
-    the blocks (all but the last), the plan's extra units (the embedding; not the final
-    norm + head, which backward starts with), the root (which holds a tied embedding and the
-    final norm; never resharded)."""
+    the blocks (all but the last), the embedding and the final norm + head when each is at
+    least as large as a block (the head is not resharded: backward starts with it), and the
+    root, which holds the rest (a tied embedding, a smaller embedding or head) and is never
+    resharded (parallel.data_parallel.apply_data_parallel)."""
     attention = 2 * (model.n_heads + model.kv_heads) * model.head_dim * model.dim
     block = attention + 3 * model.dim * model.hidden_dim + 2 * model.dim
     units = [(block, index < one.blocks - 1) for index in range(one.blocks)]
     table = model.vocab_size * model.dim
+    root = 0
     if model.tie_embeddings:
-        units.append((table + model.dim, False))
+        root = table + model.dim
     else:
-        units += [(table, True)] * one.has_embedding + [(table + model.dim, False)] * one.has_head
-    return units
+        for present, elements, resharded in ((one.has_embedding, table, True), (one.has_head, table + model.dim, False)):
+            if present and (elements >= block or not one.blocks):
+                units.append((elements, resharded))
+            elif present:
+                root += elements
+    return units + ([(root, False)] if root else [])
 
 
 def _data_parallel(model: ModelConfig, dims: ParallelDims, one: _Pass, reshard: bool, zero_stage: Optional[int]) -> Totals:

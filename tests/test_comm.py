@@ -42,6 +42,7 @@ BLOCK = 4 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64)  # 164352
 EMBEDDING = 4 * 512 * 64
 HEAD = 4 * (64 + 512 * 64)  # final norm + output
 PARAMS = 4 * BLOCK + EMBEDDING + HEAD  # 919808
+ROOT = EMBEDDING + HEAD  # each smaller than a block: both in the root FSDP unit
 # the step's one extra all-reduce: squared grad norm, token-loss sum, token count, and a loss
 # and a grad flag per rank, fp64 (the training loss needs no collective of its own)
 STEP_HEALTH = 8 * (3 + 2 * 2)
@@ -138,29 +139,30 @@ def test_one_op_of_each_kind(runs):
 
 def test_fsdp_by_hand(runs):
     # gloo on CPU: FSDP2 all-gathers with _allgather_base_ and reduce-scatters with
-    # _reduce_scatter_base_, one per unit (4 blocks, embedding, norm + head; the root has none)
+    # _reduce_scatter_base_, one per unit: 4 blocks and the root, which holds the embedding and
+    # norm + head (each smaller than a block, so not a unit of its own)
     assert {op.split()[0] for op in runs["fsdp2"][0]["ops"]} == {
         "c10d._allgather_base_", "c10d._reduce_scatter_base_", "c10d.allreduce_"
     }
-    # gathered in forward, and again in backward except the last block and the head (not resharded)
-    gathered = 2 * PARAMS - BLOCK - HEAD
+    # gathered in forward, and again in backward except the last block and the root (not resharded)
+    gathered = 2 * PARAMS - BLOCK - ROOT
     assert last_step(runs, "fsdp2") == {
-        "dp_shard/all_gather": {"count": 10, "bytes": gathered, "wire_bytes": gathered / 2},
-        "dp_shard/reduce_scatter": {"count": 6, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
+        "dp_shard/all_gather": {"count": 5 + 3, "bytes": gathered, "wire_bytes": gathered / 2},
+        "dp_shard/reduce_scatter": {"count": 5, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
         "dp_shard/all_reduce": {"count": 1, "bytes": STEP_HEALTH, "wire_bytes": STEP_HEALTH},
     }
     # DDP-style: one all-reduce per unit
-    assert last_step(runs, "ddp2")["dp_replicate/all_reduce"]["count"] == 6 + 1
+    assert last_step(runs, "ddp2")["dp_replicate/all_reduce"]["count"] == 5 + 1
 
 
 def test_fsdp_to_ddp_wire_ratio(runs):
     ddp = parallelism_wire(runs, "ddp2")
     assert ddp == PARAMS  # all-reduce on 2 ranks: 2·(n−1)/n·S = S
     # FSDP: (n−1)/n of the parameters gathered twice and of the gradients scattered once =
-    # 1.5 × DDP, less the second gathers of the last block and the head
+    # 1.5 × DDP, less the second gathers of the last block and the root (embedding, norm + head)
     ratio = parallelism_wire(runs, "fsdp2") / ddp
-    assert ratio == pytest.approx(1.5 - 0.5 * (BLOCK + HEAD) / PARAMS, rel=1e-12)
-    assert 1.3 < ratio < 1.5
+    assert ratio == pytest.approx(1.5 - 0.5 * (BLOCK + ROOT) / PARAMS, rel=1e-12)
+    assert 1.25 < ratio < 1.5
     assert parallelism_wire(runs, "fsdp2_no_reshard") / ddp == 1.0
 
 
@@ -177,7 +179,7 @@ def test_pipeline_and_ring_by_hand(runs):
     kv = 8 * 4 * 16 * 16 * 4  # batch × kv heads × 16 local tokens × head dim
     step = last_step(runs, "cp2_ring")
     assert step["cp/send"] == {"count": 4 * 8, "bytes": 4 * 8 * kv, "wire_bytes": 4 * 8 * kv}
-    assert step["cp/all_gather"]["count"] == 10  # FSDP2 shards over dp_shard × cp
+    assert step["cp/all_gather"]["count"] == 8  # FSDP2 shards over dp_shard × cp
 
 
 def test_steps_repeat_and_metrics_are_logged(runs):
@@ -205,16 +207,16 @@ def data_parallel_step(runs: dict, case: str) -> dict:
 def test_accumulated_micro_batches_reduce_gradients_once_per_step(runs):
     # accumulate_grad_batches=4: the gradients are reduce-scattered (FSDP2) or all-reduced
     # (DDP-style) on the step's last micro-batch only, not on each of the 4
-    gathered = 2 * PARAMS - BLOCK - HEAD  # FSDP2 still gathers the units for every micro-batch
+    gathered = 2 * PARAMS - BLOCK - ROOT  # FSDP2 still gathers the units for every micro-batch
     fsdp = {
-        "dp_shard/all_gather": {"count": 4 * 10, "bytes": 4 * gathered, "wire_bytes": 4 * gathered / 2},
-        "dp_shard/reduce_scatter": {"count": 6, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
+        "dp_shard/all_gather": {"count": 4 * 8, "bytes": 4 * gathered, "wire_bytes": 4 * gathered / 2},
+        "dp_shard/reduce_scatter": {"count": 5, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
     }
     assert data_parallel_step(runs, "fsdp2_accumulate4") == fsdp
     assert runs["fsdp2_accumulate4"][0]["expected_by_source"]["data_parallel"] == fsdp
     assert data_parallel_step(runs, "fsdp2_accumulate4")["dp_shard/reduce_scatter"] == data_parallel_step(runs, "fsdp2")["dp_shard/reduce_scatter"]
     assert data_parallel_step(runs, "ddp2_accumulate4") == data_parallel_step(runs, "ddp2") == {
-        "dp_replicate/all_reduce": {"count": 6, "bytes": PARAMS, "wire_bytes": PARAMS},
+        "dp_replicate/all_reduce": {"count": 5, "bytes": PARAMS, "wire_bytes": PARAMS},
     }
     # only the step's last micro-batch reduces gradients
     micro_batches = runs["fsdp2_accumulate4"][0]["microbatches"][-4:]
@@ -234,7 +236,7 @@ def test_zero_stages_under_accumulation(runs):
         entry = last_step(runs, f"fsdp2_zero{stage}_accumulate4")[f"dp_shard/{kind}"]
         return entry["count"], entry["bytes"]
 
-    assert volume(1, "all_gather") == volume(2, "all_gather") == (6, PARAMS)
-    assert volume(3, "all_gather") == (4 * 10, 4 * (2 * PARAMS - BLOCK - HEAD))
-    assert volume(1, "reduce_scatter") == (6, PARAMS)
-    assert volume(2, "reduce_scatter") == volume(3, "reduce_scatter") == (4 * 6, 4 * PARAMS)
+    assert volume(1, "all_gather") == volume(2, "all_gather") == (5, PARAMS)
+    assert volume(3, "all_gather") == (4 * 8, 4 * (2 * PARAMS - BLOCK - ROOT))
+    assert volume(1, "reduce_scatter") == (5, PARAMS)
+    assert volume(2, "reduce_scatter") == volume(3, "reduce_scatter") == (4 * 5, 4 * PARAMS)

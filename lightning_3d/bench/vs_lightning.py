@@ -16,11 +16,11 @@ gradient clipping at 1.0):
   tensors as ours (each drawn from a generator seeded by the run's seed and the
   parameter's name), so the losses can be compared step by step.
 
-What still differs, by design: ours shards the embedding and the final norm + head as FSDP
-units of their own (the plan's ``fsdp_units``), sums the token-weighted loss over the
-data-parallel ranks every step and checks loss and gradient norm for non-finite values on
-every rank; theirs keeps the embedding and head in the root unit and logs each rank's own
-loss. Both clip the gradients by their global norm.
+What still differs, by design: ours logs the global token-weighted loss and checks the loss
+and the gradient norm for non-finite values on every rank, all in the one all-reduce its
+step runs besides the parallelisms' own; theirs logs each rank's own loss. Both keep the
+embedding and the final norm + head in the root FSDP unit (ours because each is smaller than
+a block) and clip the gradients by their global norm.
 
 Prints ``RATIO vs_lightning_model_parallel`` = our steps/s ÷ theirs: the median, over the
 step pairs after ``warmup`` steps, of their step time ÷ ours.

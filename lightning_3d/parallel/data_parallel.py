@@ -164,7 +164,11 @@ def apply_data_parallel(
         ([m for name in unit if (m := present_module(model, name)) is not None], index == len(plan.fsdp_units) - 1)
         for index, unit in enumerate(plan.fsdp_units)
     ]
-    extra_units = [(unit, runs_last) for unit, runs_last in extra_units if unit]
+    smallest_block = min((_numel(block) for block in blocks), default=0)
+    # A unit of its own costs one all-gather and one reduce-scatter (or all-reduce) more per
+    # step; in the root unit it stays gathered through forward and backward. Worth it only
+    # when it is at least as large as a block (a Llama-3 embedding is; a small vocabulary's is not).
+    extra_units = [(unit, runs_last) for unit, runs_last in extra_units if unit and _numel(*unit) >= smallest_block]
     if dims.fsdp == 1:
         for unit in blocks + [unit for unit, _ in extra_units] + [model]:
             replicate(unit, mesh=meshes["dp_replicate"], mp_policy=mp_policy)
@@ -180,9 +184,15 @@ def apply_data_parallel(
     for unit, runs_last in extra_units:
         # like the last block, the head is needed again as soon as backward starts
         fully_shard(unit, reshard_after_forward=reshard_after_forward and not runs_last, **options)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **options)
+    # the root holds the head when it is not a unit of its own (or a tied embedding): needed
+    # again as soon as backward starts, like the last block
+    fully_shard(model, reshard_after_forward=False, **options)
     if prefetch > 1:
         _prefetch_ahead(blocks, prefetch)
+
+
+def _numel(*modules: nn.Module) -> int:
+    return sum(param.numel() for module in modules for param in module.parameters())
 
 
 def _prefetch_ahead(blocks: list[nn.Module], depth: int) -> None:
