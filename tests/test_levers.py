@@ -86,7 +86,6 @@ A100 = Hardware(cuda_devices=1, bf16=True, name="NVIDIA A100-SXM4-80GB", capabil
         (PerfConfig(activation_checkpoint="selective", ac_every=0), DIMS_DP2, "cpu", None, "perf.ac_every=0 must be >= 1"),
         (PerfConfig(compile=True, compile_backend="inductr"), DIMS_DP2, "cpu", None,
          "perf.compile_backend='inductr' is not a torch.compile backend; valid: aot_eager"),
-        (PerfConfig(compile=True), DIMS_TP2, "cpu", None, "perf.compile=true with tensor parallel (parallel.tp=2)"),
         (PerfConfig(float8=True), DIMS_DP2, "cpu", None,
          "perf.float8=true runs float8 matmuls on CUDA GPUs only; this run uses accelerator='cpu'"),
         (PerfConfig(float8=True), DIMS_DP2, "gpu", A100, "needs a GPU of compute capability 8.9+ (Ada, Hopper); this one has 8.0"),

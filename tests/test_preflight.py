@@ -72,8 +72,6 @@ CASES = [
     ("missing init_from", ["model.init_from=/nonexistent/model.safetensors"], CPU_ONLY, ["no such file or folder"]),
     ("unknown activation checkpointing mode", ["perf.activation_checkpoint=some"], CPU_ONLY,
      ["perf.activation_checkpoint='some' is not a mode; valid: none, full, selective, op"]),
-    ("compile with tensor parallel", ["trainer.devices=2", "parallel.tp=2", "perf.compile=true"], CPU_ONLY,
-     ["perf.compile=true with tensor parallel (parallel.tp=2) is not supported", "use perf.compile=false or parallel.tp=1"]),
     ("float8 without a GPU", ["perf.float8=true"], CPU_ONLY, ["perf.float8=true runs float8 matmuls on CUDA GPUs only"]),
     ("cpu offload without sharding", ["perf.cpu_offload=true"], CPU_ONLY, ["perf.cpu_offload=true offloads FSDP2 shards"]),
 ]

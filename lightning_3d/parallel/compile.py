@@ -3,7 +3,8 @@
 Blocks are compiled one by one rather than the whole model: they are identical, so the
 first block's compiled code serves the others, and the embedding, head and the
 pipeline / FSDP2 hooks around the blocks stay eager. Applied after activation
-checkpointing (compile traces the checkpointed forward) and before FSDP2.
+checkpointing (compile traces the checkpointed forward) and before FSDP2; under tensor
+parallel a fully checkpointed block is compiled inside its checkpoint instead.
 
 The trade-off: a one-off compile time per process (tens of seconds on CPU) for faster
 steps where kernels fuse (element-wise chains: norms, SwiGLU, RoPE); ``aot_eager`` checks
@@ -19,25 +20,25 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from lightning_3d.compat import compile_backends, dynamo_supported
+from lightning_3d.compat import (
+    AsyncCollectiveTensor,
+    CheckpointWrapper,
+    compile_backends,
+    dynamo_supported,
+    wait_tensor,
+)
 from lightning_3d.plans.base import ParallelPlan
 
 # inductor's CPU code is C++: it needs one of these on PATH (or $CXX)
 _CPP_COMPILERS = ("g++", "c++", "clang++")
 
 
-def compile_problems(compile: bool, backend: str, accelerator: str, tp: int = 1) -> list[str]:
-    """Why ``perf.compile`` cannot work for this layout on this machine (none: it can)."""
+def compile_problems(compile: bool, backend: str, accelerator: str) -> list[str]:
+    """Why ``perf.compile`` cannot work on this machine (none: it can)."""
     if not compile:
         return []
-    if tp > 1:
-        # measured on torch 2.13: a compiled block of DTensor layers fails in backward
-        # (tp alone) or trains to different losses (with FSDP2)
-        return [
-            f"perf.compile=true with tensor parallel (parallel.tp={tp}) is not supported: compiled tensor-parallel "
-            "blocks fail in backward or change the losses on torch 2.13; use perf.compile=false or parallel.tp=1"
-        ]
     if not dynamo_supported():
         return ["perf.compile=true: torch.compile does not support this Python/platform; set perf.compile=false"]
     known = [name for name in compile_backends() if "TESTING" not in name]
@@ -51,12 +52,59 @@ def compile_problems(compile: bool, backend: str, accelerator: str, tp: int = 1)
     return []
 
 
+def _finish_collectives(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Wait, in eager mode, for every input still in flight from an asynchronous collective.
+
+    Under tensor parallel the embedding's output reaches the first block as the local tensor
+    of an async reduce-scatter (all-reduce without sequence parallel): an
+    ``AsyncCollectiveTensor``. torch 2.13 hands a compiled region such an input as its inner
+    tensor, which has no autograd history, so the block's input gradient never reaches the
+    embedding: backward fails (tp alone) or the embedding trains on a wrong gradient (with
+    FSDP2). ``wait_tensor`` gives the finished tensor with an identity backward instead.
+    """
+
+    def finished(value: object) -> object:
+        return wait_tensor(value) if isinstance(value, AsyncCollectiveTensor) else value
+
+    return tuple(finished(arg) for arg in args), {key: finished(value) for key, value in kwargs.items()}
+
+
+def _compiled(module: nn.Module, backend: str) -> nn.Module:
+    compiled = torch.compile(module, backend=backend)
+    # a hook of the compiled wrapper runs eagerly, before the compiled code sees the inputs
+    compiled.register_forward_pre_hook(_finish_collectives, with_kwargs=True)
+    return compiled
+
+
+def _whole_block_checkpoint_of_dtensors(block: nn.Module) -> bool:
+    """A tensor-parallel block under full activation checkpointing (no per-op policy).
+
+    torch 2.13 cannot compile such a checkpoint around the block: the recomputation needs the
+    device mesh of the block's collectives, which AOTAutograd tries to save as a tensor
+    ("expected all tensors_saved_with_vc_check to be Tensors"). Compiled inside the
+    checkpoint, the block trains to the same losses, and the recomputation reruns the
+    compiled forward; per-op checkpointing (which keeps the collectives' outputs) compiles whole.
+    """
+    return (
+        isinstance(block, CheckpointWrapper)
+        and "context_fn" not in block.checkpoint_fn.keywords
+        and any(isinstance(param, DTensor) for param in block.parameters())
+    )
+
+
 def apply_compile(model: nn.Module, plan: ParallelPlan, backend: str) -> None:
     """Replace each block of ``model`` with its compiled version (names gain ``_orig_mod.``, which
     state dicts and initialization strip)."""
     container = model.get_submodule(plan.blocks)
     for key, block in list(container.named_children()):
-        container.register_module(key, torch.compile(block, backend=backend))
+        if _whole_block_checkpoint_of_dtensors(block):
+            # compiled in place (names unchanged); the hook sits on the eager checkpoint around it.
+            # Static shapes: the recomputation must run the graph the forward ran, not a dynamic
+            # one compiled in between (it saves other tensors: CheckpointError)
+            block._checkpoint_wrapped_module.compile(backend=backend, dynamic=False)
+            block.register_forward_pre_hook(_finish_collectives, with_kwargs=True)
+        else:
+            container.register_module(key, _compiled(block, backend))
 
 
 def float8_problems(float8: bool, accelerator: str, tp: int, capability: Optional[tuple[int, int]] = None) -> list[str]:
