@@ -12,6 +12,7 @@ from lightning_3d.config import (
 from lightning_3d.dims import ParallelDims
 from lightning_3d.models.llama import Transformer
 from lightning_3d.module import CausalLM
+from lightning_3d.planner.api import plan
 from lightning_3d.plans import ParallelPlan, llama_plan
 from lightning_3d.strategy import ModelParallel4DStrategy
 from lightning_3d.validation import check_layout
@@ -31,4 +32,5 @@ __all__ = [
     "Transformer",
     "check_layout",
     "llama_plan",
+    "plan",
 ]
