@@ -60,6 +60,7 @@ from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.data_parallel import (
     KEEP_GATHERED_STAGES,
     REDUCE_EVERY_MICROBATCH_STAGES,
+    group_blocks,
     resolved_reshard_after_forward,
 )
 from lightning_3d.parallel.pipeline_parallel import (
@@ -394,7 +395,9 @@ def expected_step_volume(config: Config, dims: ParallelDims, pp_rank: int = 0) -
     sources = {
         "tp": _tensor_parallel(model, parallel.sequence_parallel, dims.tp, one),
         "sp_norm_grads": _sequence_parallel_norm_grads(model, parallel.sequence_parallel, dims.tp, one),
-        "data_parallel": _data_parallel(model, dims, one, reshard, parallel.zero_stage),
+        "data_parallel": _data_parallel(
+            model, dims, one, reshard, parallel.zero_stage, int(config.perf.dp_unit_min_mb * 2**20)
+        ),
         "pp": _pipeline(model, dims.pp, one, stage_ids, num_stages),
         "cp": _context_parallel(model, parallel.cp_backend, dims.cp, one),
         "step_health": _step_health(dims.world_size),
@@ -440,35 +443,39 @@ def _sequence_parallel_norm_grads(model: ModelConfig, sequence_parallel: bool, t
     return table
 
 
-def _unit_sizes(model: ModelConfig, one: _Pass) -> list[tuple[int, bool]]:
+def _unit_sizes(model: ModelConfig, one: _Pass, unit_min_bytes: int = 0) -> list[tuple[int, bool]]:
     """(parameter elements, resharded after forward when resharding is on) of each FSDP unit:
-    the blocks (all but the last), the embedding and the final norm + head when each is at
-    least as large as a block (the head is not resharded: backward starts with it), and the
-    root, which holds the rest (a tied embedding, a smaller embedding or head) and is never
-    resharded (parallel.data_parallel.apply_data_parallel)."""
+    the blocks, grouped into units of at least ``unit_min_bytes`` (all but the last unit), the
+    embedding and the final norm + head when each is at least as large as a block and as that
+    minimum (the head is not resharded: backward starts with it), and the root, which holds the
+    rest (a tied embedding, a smaller embedding or head) and is never resharded
+    (parallel.data_parallel.apply_data_parallel)."""
     attention = 2 * (model.n_heads + model.kv_heads) * model.head_dim * model.dim
     block = attention + 3 * model.dim * model.hidden_dim + 2 * model.dim
-    units = [(block, index < one.blocks - 1) for index in range(one.blocks)]
+    groups = group_blocks([block * _FP32] * one.blocks, unit_min_bytes)
+    units = [(block * len(group), index < len(groups) - 1) for index, group in enumerate(groups)]
     table = model.vocab_size * model.dim
     root = 0
     if model.tie_embeddings:
         root = table + model.dim
     else:
         for present, elements, resharded in ((one.has_embedding, table, True), (one.has_head, table + model.dim, False)):
-            if present and (elements >= block or not one.blocks):
+            if present and ((elements >= block and elements * _FP32 >= unit_min_bytes) or not one.blocks):
                 units.append((elements, resharded))
             elif present:
                 root += elements
     return units + ([(root, False)] if root else [])
 
 
-def _data_parallel(model: ModelConfig, dims: ParallelDims, one: _Pass, reshard: bool, zero_stage: Optional[int]) -> Totals:
+def _data_parallel(
+    model: ModelConfig, dims: ParallelDims, one: _Pass, reshard: bool, zero_stage: Optional[int], unit_min_bytes: int = 0
+) -> Totals:
     """Gradients are reduced once per optimizer step, on its last micro-batch (ZeRO-2/3:
     reduce-scattered on every micro-batch; HSDP's replica all-reduce still once). Parameters
     are gathered for every micro-batch, except under ZeRO-1/2, where they stay gathered
     from the first micro-batch to the last (parallel.data_parallel.accumulating)."""
     table: Totals = {}
-    units = _unit_sizes(model, one)
+    units = _unit_sizes(model, one, unit_min_bytes)
     if dims.fsdp == 1:  # DDP-style: each unit's gradients all-reduced once
         for elements, _ in units:
             _entry(table, "dp_replicate", "all_reduce", 1, elements * _FP32, dims.dp_replicate)

@@ -121,7 +121,7 @@ def perf_problems(
     capability = (hardware or Hardware.detect()).capability if perf.float8 and on_gpu else None
     problems += float8_problems(perf.float8, accelerator, dims.tp if dims else 1, capability)
     if dims is not None:
-        problems += data_parallel_problems(dims, perf.fsdp_prefetch, perf.cpu_offload)
+        problems += data_parallel_problems(dims, perf.fsdp_prefetch, perf.cpu_offload, perf.dp_unit_min_mb)
     if perf.peak_flops is not None and perf.peak_flops <= 0:
         problems.append(f"perf.peak_flops={perf.peak_flops} must be > 0 (FLOP/s of one device), or null for the known-GPU table")
     return problems

@@ -30,6 +30,9 @@ CASES = {
     "ddp2": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
     "pp2_1f1b": DEBUG + STEPS + pp(2, "1f1b") + ["parallel.dp_shard=1"],
     "cp2_ring": DEBUG + STEPS + ["parallel.cp=2", "parallel.dp_shard=1"],
+    # data-parallel units of two blocks (a block holds 0.157 MiB), and of all four blocks
+    "fsdp2_units_of_2_blocks": DEBUG + STEPS + ["parallel.dp_shard=2", "perf.dp_unit_min_mb=0.2"],
+    "ddp2_one_unit": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "perf.dp_unit_min_mb=1"],
     # 4 micro-batches of 1 sequence per rank and optimizer step
     "fsdp2_accumulate4": DEBUG + STEPS + ["parallel.dp_shard=2", ACCUMULATE4],
     "ddp2_accumulate4": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1", ACCUMULATE4],
@@ -153,6 +156,21 @@ def test_fsdp_by_hand(runs):
     }
     # DDP-style: one all-reduce per unit
     assert last_step(runs, "ddp2")["dp_replicate/all_reduce"]["count"] == 5 + 1
+
+
+def test_grouped_units_move_the_same_bytes_in_fewer_collectives(runs):
+    # two units of two blocks and the root: gathered in forward, the first unit again in backward
+    gathered = 2 * PARAMS - 2 * BLOCK - ROOT
+    assert last_step(runs, "fsdp2_units_of_2_blocks") == {
+        "dp_shard/all_gather": {"count": 3 + 1, "bytes": gathered, "wire_bytes": gathered / 2},
+        "dp_shard/reduce_scatter": {"count": 3, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
+        "dp_shard/all_reduce": {"count": 1, "bytes": STEP_HEALTH, "wire_bytes": STEP_HEALTH},
+    }
+    # DDP-style: the four blocks in one unit, the root in another
+    assert last_step(runs, "ddp2_one_unit")["dp_replicate/all_reduce"] == {
+        "count": 2 + 1, "bytes": PARAMS + STEP_HEALTH, "wire_bytes": PARAMS + STEP_HEALTH,
+    }
+    assert parallelism_wire(runs, "ddp2_one_unit") == parallelism_wire(runs, "ddp2")
 
 
 def test_fsdp_to_ddp_wire_ratio(runs):

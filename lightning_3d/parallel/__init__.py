@@ -110,7 +110,8 @@ def parallelize(
         if perf.compile:
             apply_compile(part, plan, perf.compile_backend)
         apply_data_parallel(
-            part, plan, meshes, dims, mixed_precision_policy(precision), reshard, perf.fsdp_prefetch, perf.cpu_offload
+            part, plan, meshes, dims, mixed_precision_policy(precision), reshard, perf.fsdp_prefetch, perf.cpu_offload,
+            unit_min_bytes=int(perf.dp_unit_min_mb * 2**20),
         )
         if on_meta:
             materialize(part, plan.root, device, init_fn, seed, aliases)

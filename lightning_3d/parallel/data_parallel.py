@@ -47,8 +47,10 @@ _PARAM_DTYPE = {"32-true": None, "bf16-mixed": torch.bfloat16, "bf16-true": None
 SUPPORTED_PRECISIONS = tuple(_PARAM_DTYPE)
 
 
-def data_parallel_problems(dims: ParallelDims, prefetch: int, cpu_offload: bool) -> list[str]:
+def data_parallel_problems(dims: ParallelDims, prefetch: int, cpu_offload: bool, unit_min_mb: float = 0.0) -> list[str]:
     problems = []
+    if unit_min_mb < 0:
+        problems.append(f"perf.dp_unit_min_mb={unit_min_mb} must be >= 0 (0: one data-parallel unit per block)")
     if prefetch < 1:
         problems.append(f"perf.fsdp_prefetch={prefetch} must be >= 1 (blocks all-gathered ahead; 1 is FSDP2's default)")
     if cpu_offload and dims.fsdp == 1:
@@ -154,11 +156,15 @@ def apply_data_parallel(
     reshard_after_forward: bool,
     prefetch: int = 1,
     cpu_offload: bool = False,
+    unit_min_bytes: int = 0,
 ) -> None:
-    """Wrap ``model`` (the plan root, or one pipeline stage of it) unit by unit."""
+    """Wrap ``model`` (the plan root, or one pipeline stage of it) unit by unit: consecutive
+    blocks grouped into units of at least ``unit_min_bytes`` of parameters (one per block at 0),
+    the plan's extra units, then the root."""
     if not dims.data_parallel_enabled:
         return
     blocks = blocks_of(model, plan)
+    groups = [[blocks[i] for i in group] for group in group_blocks([_bytes(block) for block in blocks], unit_min_bytes)]
     # (modules of the unit, whether backward starts with it: the plan's last unit, the head)
     extra_units = [
         ([m for name in unit if (m := present_module(model, name)) is not None], index == len(plan.fsdp_units) - 1)
@@ -167,32 +173,61 @@ def apply_data_parallel(
     smallest_block = min((_numel(block) for block in blocks), default=0)
     # A unit of its own costs one all-gather and one reduce-scatter (or all-reduce) more per
     # step; in the root unit it stays gathered through forward and backward. Worth it only
-    # when it is at least as large as a block (a Llama-3 embedding is; a small vocabulary's is not).
-    extra_units = [(unit, runs_last) for unit, runs_last in extra_units if unit and _numel(*unit) >= smallest_block]
+    # when it is at least as large as a block (a Llama-3 embedding is; a small vocabulary's is not)
+    # and as the smallest unit asked for.
+    extra_units = [
+        (unit, runs_last) for unit, runs_last in extra_units
+        if unit and _numel(*unit) >= smallest_block and _bytes(*unit) >= unit_min_bytes
+    ]
     if dims.fsdp == 1:
-        for unit in blocks + [unit for unit, _ in extra_units] + [model]:
-            replicate(unit, mesh=meshes["dp_replicate"], mp_policy=mp_policy)
+        for unit in groups + [unit for unit, _ in extra_units]:
+            replicate(_one_or_list(unit), mesh=meshes["dp_replicate"], mp_policy=mp_policy)
+        replicate(model, mesh=meshes["dp_replicate"], mp_policy=mp_policy)
         return
     shard_mesh = meshes["fsdp"] if dims.dp_replicate == 1 else meshes["hsdp"]
     # pinned host memory makes the copies to the GPU asynchronous; without a GPU it cannot be had
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     options = {"mesh": shard_mesh, "mp_policy": mp_policy, "offload_policy": offload}
-    for index, block in enumerate(blocks):
+    for index, group in enumerate(groups):
         # The backward pass starts with the last block: re-gathering it at once is wasted work.
-        reshard = reshard_after_forward and index < len(blocks) - 1
-        fully_shard(block, reshard_after_forward=reshard, **options)
+        reshard = reshard_after_forward and index < len(groups) - 1
+        fully_shard(_one_or_list(group), reshard_after_forward=reshard, **options)
     for unit, runs_last in extra_units:
         # like the last block, the head is needed again as soon as backward starts
-        fully_shard(unit, reshard_after_forward=reshard_after_forward and not runs_last, **options)
+        fully_shard(_one_or_list(unit), reshard_after_forward=reshard_after_forward and not runs_last, **options)
     # the root holds the head when it is not a unit of its own (or a tied embedding): needed
     # again as soon as backward starts, like the last block
     fully_shard(model, reshard_after_forward=False, **options)
     if prefetch > 1:
-        _prefetch_ahead(blocks, prefetch)
+        _prefetch_ahead([group[0] for group in groups], prefetch)
+
+
+def group_blocks(sizes: list[int], min_bytes: int) -> list[list[int]]:
+    """Consecutive block indices, cut into groups holding at least ``min_bytes`` each (the last
+    group may hold less); one group per block when ``min_bytes`` is 0."""
+    groups: list[list[int]] = []
+    held = min_bytes  # start a new group at the first block
+    for index, size in enumerate(sizes):
+        if held >= min_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(index)
+        held += size
+    return groups
+
+
+def _one_or_list(modules: list[nn.Module]) -> nn.Module | list[nn.Module]:
+    """FSDP2 makes one unit of a list of modules (one all-gather / reduction for all of them)."""
+    return modules[0] if len(modules) == 1 else modules
 
 
 def _numel(*modules: nn.Module) -> int:
     return sum(param.numel() for module in modules for param in module.parameters())
+
+
+def _bytes(*modules: nn.Module) -> int:
+    """Parameter bytes (of the whole tensors: a tensor-parallel DTensor counts its global size)."""
+    return sum(param.numel() * param.element_size() for module in modules for param in module.parameters())
 
 
 def _prefetch_ahead(blocks: list[nn.Module], depth: int) -> None:
