@@ -8,7 +8,9 @@
    1 against a hand-written PyTorch loop, alternating step by step in one process.
 2. ``vs_lightning_model_parallel`` (:mod:`lightning_3d.bench.vs_lightning`): dp_shard=2 × tp=2
    against Lightning's ``ModelParallelStrategy`` with a hand-parallelized module, on 4
-   processes: two Trainers in one process group taking turns step by step.
+   processes: two Trainers in one process group taking turns step by step; then again with our
+   blocks grouped into FSDP2 units of at least 25 MiB (``perf.dp_unit_min_mb=25``:
+   ``vs_lightning_model_parallel_units_25mb``).
 3. Every 3D layout of the ``tiny`` model on 8 processes (:mod:`lightning_3d.bench.layouts`).
 
 Each comparison prints ``RATIO <name> <value>``: ours ÷ the baseline in steps/s, the median
@@ -31,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUT = Path("docs/bench")
-TARGETS = {"overhead_vs_plain_torch": 0.98, "vs_lightning_model_parallel": 1.02}
+TARGETS = {"overhead_vs_plain_torch": 0.98, "vs_lightning_model_parallel": 1.02, "vs_lightning_model_parallel_units_25mb": 1.02}
+GROUPED_UNITS = ["perf.dp_unit_min_mb=25"]
 # what each comparison sets side by side, and the key of the baseline's step time in its result
 COMPARISONS = {
     "overhead_vs_plain_torch": ("1 process, vs a plain PyTorch loop", "plain_step_s"),
     "vs_lightning_model_parallel": ("dp_shard=2 × tp=2 on 4 processes, vs Lightning's ModelParallelStrategy", "lightning_step_s"),
+    "vs_lightning_model_parallel_units_25mb": ("the same, ours with `perf.dp_unit_min_mb=25`", "lightning_step_s"),
 }
 
 
@@ -78,12 +82,15 @@ def machine() -> dict[str, Any]:
 
 
 def run_suite(effort: Effort, four_d: bool = False) -> dict[str, Any]:
-    """Run the three parts (each launches its own worker processes); return every result."""
+    """Run every part (each launches its own worker processes); return every result."""
     from lightning_3d.bench import layouts, overhead, vs_lightning
 
     parts = {
         "overhead_vs_plain_torch": lambda: overhead.run(effort.overhead_steps, effort.overhead_rounds, effort.warmup),
         "vs_lightning_model_parallel": lambda: vs_lightning.run(effort.lightning_steps, effort.lightning_rounds, effort.warmup),
+        "vs_lightning_model_parallel_units_25mb": lambda: vs_lightning.run(
+            effort.lightning_steps, effort.lightning_rounds, effort.warmup, GROUPED_UNITS
+        ),
         "layouts": lambda: layouts.run(effort.layout_steps, effort.warmup, effort.layout_passes, four_d),
     }
     results: dict[str, Any] = {"machine": machine(), "effort": effort.__dict__, "wall_s": {}}

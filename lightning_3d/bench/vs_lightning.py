@@ -1,6 +1,6 @@
 """Our strategy against Lightning's own ``ModelParallelStrategy`` on the same 2D layout.
 
-    python -m lightning_3d.bench.vs_lightning [--steps 12] [--rounds 3] [--warmup 3]
+    python -m lightning_3d.bench.vs_lightning [--steps 12] [--rounds 3] [--warmup 3] [OVERRIDE ...]
 
 One launch of 4 CPU processes (gloo) runs two Trainers in the same process group, taking
 turns step by step (:mod:`lightning_3d.bench.turns`), ``rounds`` times; both train the
@@ -22,6 +22,10 @@ step runs besides the parallelisms' own; theirs logs each rank's own loss. Both 
 embedding and the final norm + head in the root FSDP unit (ours because each is smaller than
 a block) and clip the gradients by their global norm.
 
+Overrides given on the command line apply to our side only: ``perf.dp_unit_min_mb=25``
+groups the blocks into FSDP2 units of at least 25 MiB (the whole ``tiny`` model in one unit),
+which a hand-written ``configure_model`` could do too but rarely does.
+
 Prints ``RATIO vs_lightning_model_parallel`` = our steps/s ÷ theirs: the median, over the
 step pairs after ``warmup`` steps, of their step time ÷ ours.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -164,7 +169,7 @@ def _fit_lightning(config: Config, timer: TurnTimer) -> None:
     lightning_trainer(config, timer).fit(HandParallelizedLM(config), datamodule=datamodule)
 
 
-def _worker(out: Path, steps: int, rounds: int, warmup: int) -> None:
+def _worker(out: Path, steps: int, rounds: int, warmup: int, ours_overrides: list[str]) -> None:
     from lightning_3d.train import shutdown_distributed
 
     overrides = bench_overrides(steps) + [f"parallel.tp={TP}", "parallel.pp=1", "parallel.dp_shard=-1"]
@@ -172,7 +177,7 @@ def _worker(out: Path, steps: int, rounds: int, warmup: int) -> None:
     for index in range(rounds):
         run_dir = out.parent / f"round_{index}"
         timers = fit_in_turns(
-            ("ours", lambda timer: _fit_ours(compose_config(run_dir / "ours", overrides), timer)),
+            ("ours", lambda timer: _fit_ours(compose_config(run_dir / "ours", overrides + ours_overrides), timer)),
             ("lightning", lambda timer: _fit_lightning(compose_config(run_dir / "lightning", overrides), timer)),
             # each rank's loss is the mean over its own batch; averaged over the ranks after training
             second_loss=lambda module: float(module.last_loss),
@@ -190,9 +195,10 @@ def _worker(out: Path, steps: int, rounds: int, warmup: int) -> None:
     shutdown_distributed()
 
 
-def run(steps: int, rounds: int, warmup: int) -> dict[str, Any]:
-    """Launch the worker on 4 processes; add the per-step and median ratios."""
-    result = run_workers(MODULE, DP * TP, "--steps", str(steps), "--rounds", str(rounds), "--warmup", str(warmup))
+def run(steps: int, rounds: int, warmup: int, ours_overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Launch the worker on 4 processes; add the per-step and median ratios. ``ours_overrides``
+    (Hydra overrides) apply to our side only."""
+    result = run_workers(MODULE, DP * TP, "--steps", str(steps), "--rounds", str(rounds), "--warmup", str(warmup), *ours_overrides)
     return add_turn_ratios(result, "lightning")
 
 
@@ -202,11 +208,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for our side only")
     args = parser.parse_args()
     if args.worker is not None:
-        _worker(args.worker, args.steps, args.rounds, args.warmup)
+        _worker(args.worker, args.steps, args.rounds, args.warmup, args.overrides)
         return
-    result = run(args.steps, args.rounds, args.warmup)
+    result = run(args.steps, args.rounds, args.warmup, args.overrides)
     print(f"median step time: ours {result['ours_step_s'] * 1e3:.0f} ms, Lightning's {result['lightning_step_s'] * 1e3:.0f} ms")
     for step, (ours, theirs) in enumerate(zip(result["losses"]["ours"], result["losses"]["lightning"])):
         print(f"step {step}: loss ours {ours:.6f}, Lightning's {theirs:.6f}")
