@@ -34,8 +34,12 @@ Memory (memory.py), per device, at the peak of a step
     for matmul outputs under bf16 (fp32 for norm inputs, log-sum-exp, reciprocal RMS),
     divided by sp/tp/cp as the plan shards them. A checkpointed block keeps its input; one
     block's worth is rebuilt during backward. Per stage, times the microbatches the schedule
-    holds in flight (from torch's action table); under a split backward (zero-bubble
-    schedules) part of each microbatch stays until the step ends (measured).
+    holds in flight (from torch's action table). Under a split backward (zero-bubble
+    schedules) the input half keeps its graph, so part of each microbatch stays until the
+    step ends (measured): on a middle stage what only input gradients read (a checkpointed
+    block: nothing); on the last stage everything but what the weight half runs and frees
+    (the matmuls' inputs and the norms' outputs), so a checkpointed block keeps its input and
+    the loss its log-softmax; nothing on the first stage (its weight half is a full backward).
   - Logits: the loss's fp32 log-softmax (vocab/tp under loss parallel, whole otherwise) and the
     logits themselves while the loss runs; a pipeline's last stage caches one per microbatch
     in flight.

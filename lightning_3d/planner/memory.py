@@ -26,7 +26,7 @@ from functools import lru_cache
 
 from lightning_3d.parallel.pipeline_parallel import V_SHAPED, split_blocks, stages_of_rank
 from lightning_3d.planner.layouts import Layout
-from lightning_3d.planner.schedule import in_flight, peak_held
+from lightning_3d.planner.schedule import in_flight, peak_split
 from lightning_3d.planner.shapes import ModelShape
 
 _INT64, _FP32 = 8, 4
@@ -227,9 +227,9 @@ def local_seq(layout: Layout, seq_len: int) -> int:
     return seq_len // layout.cp
 
 
-def block_saved_bytes(shape: ModelShape, layout: Layout, precision: Precision, microbatch: int, seq_len: int) -> tuple[int, int]:
+def block_saved_bytes(shape: ModelShape, layout: Layout, precision: Precision, microbatch: int, seq_len: int) -> tuple[int, int, int]:
     """(bytes autograd saves for one block's backward, the part of them only the input
-    gradients read), for one microbatch on one rank.
+    gradients read, the part the weights' own nodes hold), for one microbatch on one rank.
 
     Per token (``a`` = activation bytes, ``sp`` = tp under sequence parallel else 1): each of
     the two norms keeps its input in fp32 and its normalized output (both cut by sequence
@@ -238,7 +238,10 @@ def block_saved_bytes(shape: ModelShape, layout: Layout, precision: Precision, m
     and, for the ring backend, the copy its output projection reads; the SwiGLU keeps four
     ``ffn/tp`` tensors; each norm its fp32 reciprocal RMS. Rotary angles: two
     ``seq × hd/2`` fp32 tables per block. The input-gradient-only part: the norms' inputs
-    and reciprocal RMS, attention's tensors and the rotary tables.
+    and reciprocal RMS, attention's tensors and the rotary tables. The weights' own nodes
+    (what a split backward's weight half runs, and frees): the norms' normalized outputs
+    (multiplied by their weights), the gathered outputs and the down projection's input (the
+    matmuls' inputs); the SwiGLU's other three tensors sit on the input path only.
     """
     a, sp, tp = precision.activation, layout.sp, layout.tp
     s_local = local_seq(layout, seq_len)
@@ -253,7 +256,8 @@ def block_saved_bytes(shape: ModelShape, layout: Layout, precision: Precision, m
     rotary = 2 * s_local * (hd // 2) * _FP32
     total = int(tokens * (norms_input_only + norms_weight + attention + ring_copy + ffn)) + rotary
     input_only = int(tokens * (norms_input_only + attention)) + rotary
-    return total, input_only
+    weight_nodes = int(tokens * (norms_weight + ffn / 4))
+    return total, input_only, weight_nodes
 
 
 def checkpointed(index: int, layout: Layout) -> bool:
@@ -280,6 +284,7 @@ class StageActivations:
     logits: int  # the log-softmax kept by the loss (last stage)
     recompute: int  # one checkpointed block's saved tensors, rebuilt during its backward
     kept_after_weight: int  # still held from a split backward's weight half to the step's end
+    logits_kept: int = 0  # the part of kept_after_weight that is the loss's log-softmax
 
     @property
     def held(self) -> int:
@@ -289,7 +294,7 @@ class StageActivations:
 def stage_activations(
     shape: ModelShape, layout: Layout, precision: Precision, stage: int, blocks: tuple[int, ...], microbatch: int, seq_len: int
 ) -> StageActivations:
-    full_block, input_only = block_saved_bytes(shape, layout, precision, microbatch, seq_len)
+    full_block, input_only, weight_nodes = block_saved_bytes(shape, layout, precision, microbatch, seq_len)
     block_input = residual_bytes(shape, layout, precision, microbatch, seq_len)
     saved = sum(block_input if checkpointed(index, layout) else full_block for index in blocks)
     recompute = full_block if any(checkpointed(index, layout) for index in blocks) else 0
@@ -303,16 +308,29 @@ def stage_activations(
         ends = int(tokens * ((4 + a) * d / sp + a * d + _FP32 / sp))  # final norm, the head's gathered input
         ends += tokens * _INT64 + 2 * _FP32  # labels; the loss's scalars
         logits = logits_bytes(shape, layout, microbatch, seq_len)
-    # a split backward's input half keeps its graph to the step's end (measured on torch 2.13):
-    # nothing on the first stage, what only input gradients read in a middle stage's blocks
-    # (a checkpointed block keeps nothing), all but the loss on the last stage
+    # a split backward's input half runs with retain_graph, so what its weight half (retain_graph
+    # off) does not run stays saved until the graph goes at the step's end (measured, torch 2.13
+    # saved-tensors hook):
+    # - the first stage keeps nothing: its "weight half" is a full backward;
+    # - a middle stage keeps what only input gradients read in its blocks: the rest of its
+    #   graph goes with the stage's backward state after the weight half; a checkpointed
+    #   block keeps nothing (its saved input goes too);
+    # - the last stage keeps its whole graph (the loss's tensors reach it): everything but what
+    #   the weights' own nodes hold, which the weight half runs and frees (the blocks' matmul
+    #   inputs and normalized outputs, the final norm's output and the head's input). So a
+    #   checkpointed block keeps its input (its recomputation is not saved through the graph's
+    #   hooks), and the loss keeps its log-softmax.
+    logits_kept = 0
     if first:
         kept = 0
     elif last:
-        kept = saved + ends
+        a, d, sp = precision.activation, shape.dim, layout.sp
+        weight_read = sum(0 if checkpointed(index, layout) else weight_nodes for index in blocks)
+        weight_read += int(tokens * (a * d / sp + a * d))  # the final norm's output, the head's input
+        kept, logits_kept = saved + ends + logits - weight_read, logits
     else:
         kept = sum(0 if checkpointed(index, layout) else input_only for index in blocks)
-    return StageActivations(saved, ends, logits, recompute, kept)
+    return StageActivations(saved, ends, logits, recompute, kept, logits_kept)
 
 
 def microbatch_size(layout: Layout, global_batch_size: int) -> int:
@@ -339,17 +357,18 @@ def rank_memory(
     per_stage = {stage: stage_activations(shape, layout, precision, stage, blocks, mb, seq_len) for stage, blocks in stages}
     schedule = (layout.pp_schedule, layout.pp, layout.microbatches, layout.stages_per_rank)
     held = in_flight(*schedule, pp_rank)
-    saved = peak_held(
-        *schedule, pp_rank, {s: a.held for s, a in per_stage.items()}, {s: a.kept_after_weight for s, a in per_stage.items()}
+    saved, logits_saved = peak_split(
+        *schedule, pp_rank,
+        {s: a.held for s, a in per_stage.items()}, {s: a.kept_after_weight for s, a in per_stage.items()},
+        {s: a.logits for s, a in per_stage.items()}, {s: a.logits_kept for s, a in per_stage.items()},
     )
-    logits_saved = sum(held[s] * a.logits for s, a in per_stage.items())
     recompute = max((a.recompute for a in per_stage.values()), default=0)
-    activations = int(saved) - logits_saved + recompute
+    activations = int(saved) - int(logits_saved) + recompute
 
     # the logits themselves live next to their log-softmax while the loss runs (in the compute
     # dtype, gathered over tp without loss parallel); a pipeline caches each in-flight stage output
     last = layout.num_stages - 1
-    logits = logits_saved
+    logits = int(logits_saved)
     if last in per_stage:
         cached = held[last] if layout.pp > 1 else 1
         logits += cached * logits_bytes(shape, layout, mb, seq_len, precision.activation)

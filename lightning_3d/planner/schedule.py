@@ -7,7 +7,8 @@ actions in order (a forward adds a microbatch to its stage; the full backward, o
 weight-gradient half of a split one, releases it). Under a split backward (the zero-bubble
 schedules) torch keeps the autograd graph of the input-gradient half until the step ends,
 so part of a microbatch stays after its weight gradients (measured: what only the input
-gradients need on a middle stage, everything but the loss on the last, nothing on the first).
+gradients need on a middle stage; on the last, all but what the weights' own nodes hold,
+which the weight half frees; nothing on the first; see ``memory.stage_activations``).
 """
 
 from __future__ import annotations
@@ -91,18 +92,34 @@ def peak_held(
     """The most bytes rank ``pp_rank`` holds at once, when a microbatch of stage s holds
     ``per_microbatch[s]`` bytes until its backward, and, under a split backward, still
     ``kept_after_weight[s]`` of them from its weight-gradient half to the end of the step."""
+    return peak_split(schedule, pp, microbatches, stages_per_rank, pp_rank, per_microbatch, kept_after_weight)[0]
+
+
+def peak_split(
+    schedule: str, pp: int, microbatches: int, stages_per_rank: int, pp_rank: int,
+    per_microbatch: Mapping[int, float], kept_after_weight: Mapping[int, float] | None = None,
+    part: Mapping[int, float] | None = None, part_kept: Mapping[int, float] | None = None,
+) -> tuple[float, float]:
+    """:func:`peak_held`, and how much of it one part of each microbatch makes up at that
+    peak (``part[s]`` of ``per_microbatch[s]`` while whole, ``part_kept[s]`` of
+    ``kept_after_weight[s]`` after its weight-gradient half): e.g. the loss's log-softmax."""
+    part, part_kept = part or {}, part_kept or {}
     if pp == 1:
-        return per_microbatch[0]
+        return per_microbatch[0], part.get(0, 0.0)
     stages = stages_of_rank(pp_rank, pp, stages_per_rank, schedule)
     kept = kept_after_weight or {}
     weights = np.array([per_microbatch[s] for s in stages] + [kept.get(s, 0.0) for s in stages])
+    shares = np.array([part.get(s, 0.0) for s in stages] + [part_kept.get(s, 0.0) for s in stages])
     reference = reference_microbatches(pp, microbatches, stages_per_rank)
 
-    def peak(count: int) -> float:
-        return float((_snapshots(schedule, pp, count, stages_per_rank, pp_rank) @ weights).max())
+    def peak(count: int) -> tuple[float, float]:
+        snapshots = _snapshots(schedule, pp, count, stages_per_rank, pp_rank)
+        at = int((snapshots @ weights).argmax())
+        return float(snapshots[at] @ weights), float(snapshots[at] @ shares)
 
     if reference == microbatches or not any(kept.values()):
         return peak(reference)
     # what a split backward keeps grows with the microbatches: extrapolated from two tables
-    low, high = peak(reference), peak(2 * reference)
-    return low + (high - low) * (microbatches - reference) / reference
+    (low, low_part), (high, high_part) = peak(reference), peak(2 * reference)
+    scale = (microbatches - reference) / reference
+    return low + (high - low) * scale, low_part + (high_part - low_part) * scale
