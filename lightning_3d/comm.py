@@ -455,7 +455,7 @@ def _unit_sizes(model: ModelConfig, one: _Pass, unit_min_bytes: int = 0) -> list
     groups = group_blocks([block * _FP32] * one.blocks, unit_min_bytes)
     units = [(block * len(group), index < len(groups) - 1) for index, group in enumerate(groups)]
     table = model.vocab_size * model.dim
-    root = 0
+    root = block * (one.blocks - sum(len(group) for group in groups))  # blocks of a group too small
     if model.tie_embeddings:
         root = table + model.dim
     else:

@@ -203,8 +203,9 @@ def apply_data_parallel(
 
 
 def group_blocks(sizes: list[int], min_bytes: int) -> list[list[int]]:
-    """Consecutive block indices, cut into groups holding at least ``min_bytes`` each (the last
-    group may hold less); one group per block when ``min_bytes`` is 0."""
+    """Consecutive block indices, cut into groups holding at least ``min_bytes`` each; one group
+    per block when ``min_bytes`` is 0. The blocks of a last group that would hold less are left
+    out: they join the root unit (with a small model, the root is then the only unit)."""
     groups: list[list[int]] = []
     held = min_bytes  # start a new group at the first block
     for index, size in enumerate(sizes):
@@ -213,6 +214,8 @@ def group_blocks(sizes: list[int], min_bytes: int) -> list[list[int]]:
             held = 0
         groups[-1].append(index)
         held += size
+    if groups and held < min_bytes:
+        groups.pop()
     return groups
 
 
