@@ -196,6 +196,18 @@ def test_cli_prints_the_ranked_table_and_the_command(capsys):
     assert "recipe=debug trainer.accelerator=cpu trainer.devices=4 trainer.num_nodes=1 parallel.dp_replicate=" in runs[0]
 
 
+def test_measure_runs_the_shown_layouts_and_ranks_them_by_measured_time():
+    request = make_request("debug", ClusterConfig(gpus=2, gpus_per_node=2, gpu="CPU"), 32, 8)
+    ranking = rank_layouts(request)
+    from lightning_3d.planner.measure import measure
+
+    measured = measure(ranking, ranking.plans[:2], ["recipe=debug"], steps=4, warmup=1)
+    assert {p.layout for p in measured} == {p.layout for p in ranking.plans[:2]}
+    times = [p.measured_step_s for p in measured]
+    assert all(t is not None and t > 0 for t in times), times
+    assert times == sorted(times) and [p.rank for p in measured] == [1, 2]
+
+
 # ----------------------------------------------------------------------------- bad input, through the CLI
 
 

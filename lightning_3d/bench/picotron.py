@@ -22,10 +22,12 @@ the ``tiny`` model's shape (4 layers, dim 128, 8 heads, 4 kv heads, vocab 512, f
 - ours, like for like: the ``tiny`` recipe with ``parallel.dp_replicate=2 parallel.dp_shard=1
   parallel.sequence_parallel=false trainer.gradient_clip_val=null`` (DDP-style data parallel,
   no sequence parallel, no clipping, as picotron);
-- ours, the ``tiny`` recipe's own layout: FSDP2 ``dp_shard=2``, sequence parallel, clipping.
+- ours, the ``tiny`` recipe's own layout: FSDP2 ``dp_shard=2``, sequence parallel, clipping;
+- each of the two again with ``perf.dp_unit_min_mb=25`` (``..._units_25mb``): the blocks of a
+  stage grouped into one data-parallel unit, one gradient reduction per stage.
 
 Our step times come from :class:`~lightning_3d.bench.measure.StepTimer` on rank 0 (start to
-next start), as in :mod:`lightning_3d.bench.layouts`; both of ours run in one launch. The first
+next start), as in :mod:`lightning_3d.bench.layouts`; all of ours run in one launch. The first
 ``warmup`` steps of every run are left out. Prints the median ms/step of each side over all
 rounds and ``RATIO vs_picotron_like_for_like`` / ``RATIO vs_picotron_tiny_recipe`` = our
 tokens/s ÷ picotron's (the same tokens per step: picotron's step time ÷ ours).
@@ -69,7 +71,15 @@ LIKE_FOR_LIKE = [
     "parallel.sequence_parallel=false", "trainer.gradient_clip_val=null",
 ]
 TINY_RECIPE: list[str] = []  # the recipe's own layout: dp_shard=2 × tp=2 (SP) × pp=2, clipping at 1.0
-VARIANTS = {"ours_like_for_like": LIKE_FOR_LIKE, "ours_tiny_recipe": TINY_RECIPE}
+# the same two with the blocks grouped into data-parallel units of at least 25 MiB: the tiny
+# model's stage is then one unit, one gradient reduction per stage as picotron's bucketed DDP
+UNITS = ["perf.dp_unit_min_mb=25"]
+VARIANTS = {
+    "ours_like_for_like": LIKE_FOR_LIKE,
+    "ours_tiny_recipe": TINY_RECIPE,
+    "ours_like_for_like_units_25mb": LIKE_FOR_LIKE + UNITS,
+    "ours_tiny_recipe_units_25mb": TINY_RECIPE + UNITS,
+}
 LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE",
                "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
@@ -260,7 +270,7 @@ def run_picotron(checkout: Path, work: Path, config: Config, steps: int, warmup:
 
 
 def _worker(out: Path, steps: int, warmup: int) -> None:
-    """Both of our variants, one after the other in this launch; rank 0's step times."""
+    """All of our variants, one after the other in this launch; rank 0's step times."""
     import torch.distributed as dist
 
     from lightning_3d.train import build, shutdown_distributed
@@ -291,7 +301,7 @@ def summarize(runs: dict[str, list[list[float]]]) -> dict[str, Any]:
 
 
 def run(checkout: Path, steps: int, rounds: int, warmup: int, work: Path) -> dict[str, Any]:
-    """Apply the patch, then picotron and both of ours in turn, ``rounds`` times."""
+    """Apply the patch, then picotron and all of ours in turn, ``rounds`` times."""
     patched = apply_patch(checkout)
     config = compose_config(work / "unused", bench_overrides(warmup + steps + 1), devices=PROCESSES)
     runs: dict[str, list[list[float]]] = {"picotron": [], **{name: [] for name in VARIANTS}}
