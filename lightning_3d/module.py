@@ -91,7 +91,10 @@ class CausalLM(L.LightningModule):
         # one logged value per optimizer step: the token-weighted mean over its micro-batches
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.log("train_loss", self.train_loss.compute(), prog_bar=True, sync_dist=False)
-            self.log("train_tokens", self.train_loss.weight, sync_dist=False)
+            # each self.log costs about a millisecond of Lightning bookkeeping; the token count
+            # is for the logger only, which writes on logging steps
+            if self.trainer._logger_connector.should_update_logs:
+                self.log("train_tokens", self.train_loss.weight, sync_dist=False)
             self.train_loss.reset()
 
     def pipeline_batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

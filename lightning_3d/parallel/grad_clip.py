@@ -57,12 +57,16 @@ def reduce_partial_grads(parameters: Iterable[Tensor]) -> int:
 @torch.no_grad()
 def local_grad_square_sum(parameters: Iterable[Tensor], ranks_per_stage: int, device: torch.device) -> Tensor:
     """This rank's share of the squared global gradient norm; summed over the world it is the whole."""
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    by_shards: dict[int, list[Tensor]] = {}
     for param in parameters:
         if param.grad is not None and not getattr(param, TIED_COPY, False):  # a tied weight counts once
             local, shards = _local_and_shards(param.grad)
-            # each shard is held by ranks_per_stage / shards ranks of this stage
-            total += local.float().pow(2).sum() * (shards / ranks_per_stage)
+            by_shards.setdefault(shards, []).append(local if local.dtype == torch.float32 else local.float())
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for shards, grads in by_shards.items():
+        # one fused kernel per group instead of a few small ops per tensor;
+        # each shard is held by ranks_per_stage / shards ranks of this stage
+        total += torch.stack(torch._foreach_norm(grads, 2.0)).pow(2).sum() * (shards / ranks_per_stage)
     return total
 
 
