@@ -24,7 +24,10 @@ from lightning_3d.config import Config, ParallelConfig
 from lightning_3d.train import CONF_DIR, RECIPES_DIR, to_config, world_size_of
 from lightning_3d.validation import Hardware, check_layout, perf_problems
 
-GROUP_FILES = sorted(path for path in CONF_DIR.glob("*/*.yaml") if path.parent != RECIPES_DIR)
+# the training config's groups; conf/cluster belongs to the planner's config (conf/plan.yaml)
+CLUSTER_DIR = CONF_DIR / "cluster"
+GROUP_FILES = sorted(path for path in CONF_DIR.glob("*/*.yaml") if path.parent not in (RECIPES_DIR, CLUSTER_DIR))
+CLUSTER_FILES = sorted(CLUSTER_DIR.glob("*.yaml"))
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
 GROUPS = sorted({path.parent.name for path in GROUP_FILES})
 
@@ -91,6 +94,16 @@ def test_every_group_option_composes_under_the_default_recipe(path: Path) -> Non
     config = load(f"{path.parent.name}={path.stem}", *_mandatory(path))
     assert isinstance(config, Config)
     assert config.run_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.stem)
+def test_every_cluster_option_composes_into_the_planner_config(path: Path) -> None:
+    from lightning_3d.plan import compose as compose_plan
+
+    cluster = asdict(compose_plan([f"cluster={path.stem}"]).cluster)
+    expected = OmegaConf.to_container(OmegaConf.load(path))
+    assert expected, f"{path} sets nothing"
+    assert {key: cluster[key] for key in expected} == expected
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -57,11 +57,11 @@ class Layout:
 
     @property
     def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
+        return self.dims().dp
 
     @property
     def fsdp(self) -> int:
-        return self.dp_shard * self.cp
+        return self.dims().fsdp
 
     @property
     def num_stages(self) -> int:
