@@ -105,7 +105,7 @@ def test_console_script_composes(tmp_path):
     assert "n_layers: 4" in result.stdout and "seq_len: 32" in result.stdout
 
 
-def test_wheel_carries_every_config_file(tmp_path):
+def test_wheel_carries_every_module_and_config_file(tmp_path):
     # built from a copy, so the checkout gets no build/ folder
     root = Path(__file__).resolve().parents[1]
     source = tmp_path / "source"
@@ -120,3 +120,7 @@ def test_wheel_carries_every_config_file(tmp_path):
     configs = {f"lightning_3d/_conf/{path.relative_to(root / 'conf').as_posix()}" for path in (root / "conf").rglob("*.yaml")}
     assert "lightning_3d/_conf/recipe/debug.yaml" in configs
     assert configs <= names, sorted(configs - names)
+    # every module of the package, in every subpackage (pyproject lists the packages by hand)
+    modules = {path.relative_to(root).as_posix() for path in (root / "lightning_3d").rglob("*.py")}
+    assert "lightning_3d/runtime/step_guard.py" in modules
+    assert modules <= names, sorted(modules - names)
