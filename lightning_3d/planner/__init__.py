@@ -63,7 +63,8 @@ Time (timing.py)
   - Compute: lightning_3d.flops' count (6·N + 12·L·d·s per token), per rank for its blocks and
     head, ÷ tp, plus one forward per checkpointed block, over peak × ``cluster.compute_efficiency``
     (0.5 by default).
-  - A collective: latency × calls + wire bytes ÷ (link rate × ``cluster.comm_efficiency``),
+  - A collective: latency × ring hops (2(n−1) per all-reduce over n ranks, n−1 for the other
+    collectives, 1 per send) + wire bytes ÷ (link rate × ``cluster.comm_efficiency``),
     over the link its group crosses: in a node when all its ranks are on one node (the mesh
     is (pp, dp_replicate, dp_shard, cp, tp), tp innermost), across nodes otherwise. Link rates
     and memory per device: ``cluster.KNOWN_DEVICES`` (H100, H200, A100, CPU) or ``cluster.*``.
@@ -72,7 +73,9 @@ Time (timing.py)
     all but what exceeds it and at least one unit's worth; the step's health check is exposed.
   - Pipeline: the busiest rank's time ÷ (1 − the schedule's idle fraction), the fraction from
     torch's action table replayed with unit costs (``lightning_3d.bench.pipeline``), balanced
-    stages assumed. MFU = flops.flops_per_token × tokens ÷ (step time × devices × peak).
+    stages assumed. Processes sharing one host's cores (``cluster.gpu=CPU``) lend each other
+    their idle time: a step is the ranks' mean busy time, with no bubble.
+    MFU = flops.flops_per_token × tokens ÷ (step time × devices × peak).
 """
 
 from lightning_3d.planner.api import LayoutPlan, PlanRequest, Ranking, plan, rank_layouts
