@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from lightning_3d.bench.launch import run_workers
 from lightning_3d.bench.measure import compose_config, local_state_bytes, median, release_memory
+from lightning_3d.bench.memory import SavedTensorBytes
 from lightning_3d.callbacks.comm import CommAccounting
 from lightning_3d.comm import on_labels, view_labels
 from lightning_3d.planner.api import LayoutPlan, PlanRequest, evaluate, rank_layouts
@@ -126,7 +127,7 @@ def _is_parameter(tensor: torch.Tensor) -> bool:
     return isinstance(base, nn.Parameter)
 
 
-class SavedStorageBytes:
+class SavedStorageBytes(SavedTensorBytes):
     """Context manager: the peak bytes of the storages autograd holds for backward.
 
     Like :class:`lightning_3d.bench.memory.SavedTensorBytes`, with each storage counted once
@@ -135,18 +136,11 @@ class SavedStorageBytes:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.live: dict[int, list[int]] = {}  # storage address → [saved tensors holding it, bytes]
         self.total = 0
-        self.peak = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
 
-    def __enter__(self) -> "SavedStorageBytes":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._hooks.__exit__(*exc)
-
+    @override
     def _pack(self, tensor: torch.Tensor) -> "_HeldStorages":
         return _HeldStorages(self, tensor)
 
