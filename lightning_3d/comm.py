@@ -331,7 +331,7 @@ class _Pass:
     has_head: bool  # final norm + output projection
 
 
-def _entry(table: Totals, view: str, kind: str, count: int, size: float, group_size: int) -> None:
+def add_volume(table: Totals, view: str, kind: str, count: int, size: float, group_size: int) -> None:
     """``count`` ops of ``size`` bytes each over ``group_size`` ranks (nothing on a single rank)."""
     if count > 0 and group_size > 1:
         added = Volume(count, count * size, count * wire_bytes(kind, size, group_size))
@@ -424,13 +424,13 @@ def _tensor_parallel(model: ModelConfig, sequence_parallel: bool, tp: int, one: 
         # each block gathers the sequence before attention and FFN and reduce-scatters wo's and
         # w2's outputs; backward mirrors both. The embedding reduce-scatters its output
         # (its backward gathers), the head gathers its input (its backward reduce-scatters).
-        _entry(table, "tp", "all_gather", (4 * one.blocks + ends) * one.repeats, residual, tp)
-        _entry(table, "tp", "reduce_scatter", (4 * one.blocks + ends) * one.repeats, residual, tp)
+        add_volume(table, "tp", "all_gather", (4 * one.blocks + ends) * one.repeats, residual, tp)
+        add_volume(table, "tp", "reduce_scatter", (4 * one.blocks + ends) * one.repeats, residual, tp)
     else:
         # wo's and w2's partial outputs in forward, the attention and FFN input grads in
         # backward; the embedding's output in forward, the head's input grad in backward
-        _entry(table, "tp", "all_reduce", (4 * one.blocks + ends) * one.repeats, residual, tp)
-    _entry(table, "tp", "all_gather", int(one.has_head) * one.repeats, logits, tp)  # replicated logits
+        add_volume(table, "tp", "all_reduce", (4 * one.blocks + ends) * one.repeats, residual, tp)
+    add_volume(table, "tp", "all_gather", int(one.has_head) * one.repeats, logits, tp)  # replicated logits
     return table
 
 
@@ -439,7 +439,7 @@ def _sequence_parallel_norm_grads(model: ModelConfig, sequence_parallel: bool, t
     table: Totals = {}
     if sequence_parallel:
         norms = 2 * one.blocks + int(one.has_head)
-        _entry(table, "tp", "all_reduce", PARTIAL_GRAD_REDUCTIONS * norms, model.dim * _FP32, tp)
+        add_volume(table, "tp", "all_reduce", PARTIAL_GRAD_REDUCTIONS * norms, model.dim * _FP32, tp)
     return table
 
 
@@ -478,7 +478,7 @@ def _data_parallel(
     units = _unit_sizes(model, one, unit_min_bytes)
     if dims.fsdp == 1:  # DDP-style: each unit's gradients all-reduced once
         for elements, _ in units:
-            _entry(table, "dp_replicate", "all_reduce", 1, elements * _FP32, dims.dp_replicate)
+            add_volume(table, "dp_replicate", "all_reduce", 1, elements * _FP32, dims.dp_replicate)
         return table
     view = "fsdp" if dims.dp_replicate == 1 or dims.cp > 1 else "dp_shard"
     gathered_once = zero_stage in KEEP_GATHERED_STAGES
@@ -486,9 +486,9 @@ def _data_parallel(
     for elements, resharded in units:
         size = elements * _FP32  # exact when every parameter's first dim divides by the fsdp size
         gathers = 1 if gathered_once else one.accumulate * (1 + int(reshard and resharded))  # forward, again in backward
-        _entry(table, view, "all_gather", gathers, size, dims.fsdp)
-        _entry(table, view, "reduce_scatter", reductions, size, dims.fsdp)
-        _entry(table, "dp_replicate", "all_reduce", 1, size // dims.fsdp, dims.dp_replicate)  # HSDP
+        add_volume(table, view, "all_gather", gathers, size, dims.fsdp)
+        add_volume(table, view, "reduce_scatter", reductions, size, dims.fsdp)
+        add_volume(table, "dp_replicate", "all_reduce", 1, size // dims.fsdp, dims.dp_replicate)  # HSDP
     return table
 
 
@@ -498,8 +498,8 @@ def _pipeline(model: ModelConfig, pp: int, one: _Pass, stage_ids: list[int], num
     for stage in stage_ids:
         # each microbatch crosses every boundary of the stage: an activation one way, its gradient back
         boundaries = int(stage > 0) + int(stage < num_stages - 1)
-        _entry(table, "pp", "send", boundaries * one.repeats, activation, pp)
-        _entry(table, "pp", "recv", boundaries * one.repeats, activation, pp)
+        add_volume(table, "pp", "send", boundaries * one.repeats, activation, pp)
+        add_volume(table, "pp", "recv", boundaries * one.repeats, activation, pp)
     return table
 
 
@@ -511,11 +511,11 @@ def _context_parallel(model: ModelConfig, backend: str, cp: int, one: _Pass) -> 
         # forward: K and V travel cp−1 hops; backward: K and V cp−1 hops again, and dK, dV
         # cp hops (the last brings them home)
         hops = 2 * (cp - 1) + 2 * (cp - 1) + 2 * cp
-        _entry(table, "cp", "send", hops * passes, kv, cp)
-        _entry(table, "cp", "recv", hops * passes, kv, cp)
+        add_volume(table, "cp", "send", hops * passes, kv, cp)
+        add_volume(table, "cp", "recv", hops * passes, kv, cp)
     else:  # all-gather K and V; the backward reduce-scatters their gradients
-        _entry(table, "cp", "all_gather", 2 * passes, kv * cp, cp)
-        _entry(table, "cp", "reduce_scatter", 2 * passes, kv * cp, cp)
+        add_volume(table, "cp", "all_gather", 2 * passes, kv * cp, cp)
+        add_volume(table, "cp", "reduce_scatter", 2 * passes, kv * cp, cp)
     return table
 
 
@@ -523,5 +523,5 @@ def _step_health(world_size: int) -> Totals:
     """nonfinite.step_health, the step's only collective outside the parallelisms: the squared grad
     norm, the deferred token-loss sum and token count, and a loss and a grad flag per rank (fp64)."""
     table: Totals = {}
-    _entry(table, WORLD, "all_reduce", 1, (3 + 2 * world_size) * _FP64, world_size)
+    add_volume(table, WORLD, "all_reduce", 1, (3 + 2 * world_size) * _FP64, world_size)
     return table

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from lightning_3d.comm import Totals, Volume, _step_health, wire_bytes
+from lightning_3d.comm import Totals, Volume, _step_health, add_volume
 from lightning_3d.planner.layouts import Layout
 from lightning_3d.planner.memory import (
     Precision,
@@ -46,13 +46,6 @@ VIEW_SIZES = {
     "fsdp": lambda lay: lay.fsdp,
     "world": lambda lay: lay.world_size,
 }
-
-
-def _add(table: Totals, view: str, kind: str, count: int, size: float, group_size: int) -> None:
-    """``count`` ops of ``size`` bytes each over ``group_size`` ranks (nothing on a single rank)."""
-    if count > 0 and group_size > 1:
-        added = Volume(count, count * size, count * wire_bytes(kind, int(size), group_size))
-        table[(view, kind)] = table.get((view, kind), Volume()) + added
 
 
 @dataclass(frozen=True)
@@ -121,15 +114,15 @@ def _tensor_parallel(shape: ModelShape, layout: Layout, precision: Precision, se
     recomputed = sum(checkpointed(index, layout) for index in rank.blocks)
     per_pass = 4 * len(rank.blocks) + ends
     if layout.sequence_parallel:
-        _add(table, "tp", "all_gather", (per_pass + 2 * recomputed) * rank.repeats, residual, tp)
-        _add(table, "tp", "reduce_scatter", (per_pass + recomputed) * rank.repeats, residual, tp)
+        add_volume(table, "tp", "all_gather", (per_pass + 2 * recomputed) * rank.repeats, residual, tp)
+        add_volume(table, "tp", "reduce_scatter", (per_pass + recomputed) * rank.repeats, residual, tp)
     else:
-        _add(table, "tp", "all_reduce", (per_pass + recomputed) * rank.repeats, residual, tp)
+        add_volume(table, "tp", "all_reduce", (per_pass + recomputed) * rank.repeats, residual, tp)
     if rank.has_head:
         if layout.loss_parallel:  # the vocab-sharded cross entropy: max, sum of exps, target logit
-            _add(table, "tp", "all_reduce", 3 * rank.repeats, tokens * _FP32, tp)
+            add_volume(table, "tp", "all_reduce", 3 * rank.repeats, tokens * _FP32, tp)
         else:  # the head's output gathered whole
-            _add(table, "tp", "all_gather", rank.repeats, tokens * shape.vocab_size * a, tp)
+            add_volume(table, "tp", "all_gather", rank.repeats, tokens * shape.vocab_size * a, tp)
     return table
 
 
@@ -139,7 +132,7 @@ def _sequence_parallel_norm_grads(shape: ModelShape, layout: Layout, rank: _Rank
     table: Totals = {}
     if layout.tp > 1 and layout.sequence_parallel:
         norms = 2 * len(rank.blocks) + int(rank.has_head)
-        _add(table, "tp", "all_reduce", norms, shape.dim * _FP32, layout.tp)
+        add_volume(table, "tp", "all_reduce", norms, shape.dim * _FP32, layout.tp)
     return table
 
 
@@ -154,7 +147,7 @@ def _data_parallel(shape: ModelShape, layout: Layout, precision: Precision, pp_r
     units = Counter(unit for stage, blocks in rank_stages(shape, layout, pp_rank) for unit in stage_units(shape, layout, stage, blocks))
     if layout.fsdp == 1:  # DDP-style: each unit's gradients all-reduced once
         for unit, times in units.items():
-            _add(table, "dp_replicate", "all_reduce", times, unit_numels(unit.shapes, 1)[0] * _FP32, layout.dp_replicate)
+            add_volume(table, "dp_replicate", "all_reduce", times, unit_numels(unit.shapes, 1)[0] * _FP32, layout.dp_replicate)
         return table
     view = "fsdp" if layout.dp_replicate == 1 or layout.cp > 1 else "dp_shard"
     for unit, times in units.items():
@@ -162,9 +155,9 @@ def _data_parallel(shape: ModelShape, layout: Layout, precision: Precision, pp_r
         # forward, and again for backward when resharded after forward; under pp the strategy
         # keeps parameters gathered for the whole step, so each unit is gathered once
         gathers = 1 + int(layout.pp == 1 and unit.resharded)
-        _add(table, view, "all_gather", gathers * times, gathered * precision.compute, layout.fsdp)
-        _add(table, view, "reduce_scatter", times, gathered * precision.reduce, layout.fsdp)
-        _add(table, "dp_replicate", "all_reduce", times, gathered // layout.fsdp * precision.reduce, layout.dp_replicate)  # HSDP
+        add_volume(table, view, "all_gather", gathers * times, gathered * precision.compute, layout.fsdp)
+        add_volume(table, view, "reduce_scatter", times, gathered * precision.reduce, layout.fsdp)
+        add_volume(table, "dp_replicate", "all_reduce", times, gathered // layout.fsdp * precision.reduce, layout.dp_replicate)  # HSDP
     return table
 
 
@@ -178,8 +171,8 @@ def _pipeline(shape: ModelShape, layout: Layout, precision: Precision, seq_len: 
         # each microbatch crosses every boundary of the stage that leads to another rank:
         # an activation one way, its gradient back
         neighbours = [other for other in (stage - 1, stage + 1) if 0 <= other <= last and other not in rank.stages]
-        _add(table, "pp", "send", len(neighbours) * rank.repeats, activation, layout.pp)
-        _add(table, "pp", "recv", len(neighbours) * rank.repeats, activation, layout.pp)
+        add_volume(table, "pp", "send", len(neighbours) * rank.repeats, activation, layout.pp)
+        add_volume(table, "pp", "recv", len(neighbours) * rank.repeats, activation, layout.pp)
     return table
 
 
@@ -196,8 +189,8 @@ def _context_parallel(shape: ModelShape, layout: Layout, precision: Precision, s
     kv_hops = 2 * (cp - 1) * (2 * passes + recomputed)
     grad_hops = 2 * cp * passes
     for count, size in ((kv_hops, kv * precision.activation), (grad_hops, kv * _FP32)):
-        _add(table, "cp", "send", count, size, cp)
-        _add(table, "cp", "recv", count, size, cp)
+        add_volume(table, "cp", "send", count, size, cp)
+        add_volume(table, "cp", "recv", count, size, cp)
     return table
 
 
@@ -207,5 +200,5 @@ def _tied(shape: ModelShape, layout: Layout, precision: Precision, rank: _Rank) 
     ends_apart = layout.pp > 1 and not (rank.has_embedding and rank.has_head)
     if shape.tie_embeddings and ends_apart and (rank.has_embedding or rank.has_head):
         table_shape = (shape.vocab_size // (layout.tp if shape.table_split() == "col" else 1), shape.dim)
-        _add(table, "pp", "all_reduce", 1, shard_numel(table_shape, layout.fsdp) * precision.grad, 2)
+        add_volume(table, "pp", "all_reduce", 1, shard_numel(table_shape, layout.fsdp) * precision.grad, 2)
     return table
