@@ -29,17 +29,30 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 
 
+def decoder_matmul_params(n_layers: int, dim: int, q_dim: int, kv_dim: int, ffn_dim: int, vocab_size: int) -> int:
+    """Weights that take part in a matmul per token of a Llama-style decoder: block projections
+    and the output head. ``q_dim`` = heads × head dim (the model dim unless head_dim is set apart)."""
+    attention = 2 * dim * q_dim + 2 * dim * kv_dim  # wq, wo; wk, wv
+    feed_forward = 3 * dim * ffn_dim  # w1, w2, w3
+    return n_layers * (attention + feed_forward) + dim * vocab_size
+
+
+def decoder_flops_per_token(matmul_params: int, n_layers: int, q_dim: int, seq_len: int) -> int:
+    """Forward + backward FLOPs of one training token: 6 per matmul weight, and the attention
+    scores and values (12 · layers · q_dim · seq_len)."""
+    return 6 * matmul_params + 12 * n_layers * q_dim * seq_len
+
+
 def matmul_params(config: ModelConfig) -> int:
     """Weights that take part in a matmul per token: block projections and the output head."""
-    d, kv_dim = config.dim, config.kv_heads * config.head_dim
-    attention = 2 * d * d + 2 * d * kv_dim  # wq, wo; wk, wv
-    feed_forward = 3 * d * config.hidden_dim  # w1, w2, w3
-    return config.n_layers * (attention + feed_forward) + d * config.vocab_size
+    return decoder_matmul_params(
+        config.n_layers, config.dim, config.dim, config.kv_heads * config.head_dim, config.hidden_dim, config.vocab_size
+    )
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> int:
     """Forward + backward FLOPs of one training token at sequence length ``seq_len``."""
-    return 6 * matmul_params(config) + 12 * config.n_layers * config.dim * seq_len
+    return decoder_flops_per_token(matmul_params(config), config.n_layers, config.dim, seq_len)
 
 
 def matmul_kind(precision: str, tf32: bool = False) -> Optional[str]:

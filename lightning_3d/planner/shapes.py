@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning_3d.config import ModelConfig
 from lightning_3d.errors import ConfigError
+from lightning_3d.flops import decoder_flops_per_token, decoder_matmul_params
 
 # config.json keys every decoder must give (a missing one is named in the error)
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -137,7 +139,7 @@ class ModelShape:
     @property
     def block_size(self) -> int:
         """Parameters of one block."""
-        return sum(_numel(shape) for _, shape, _ in self.block_parameters())
+        return sum(prod(shape) for _, shape, _ in self.block_parameters())
 
     @property
     def num_parameters(self) -> int:
@@ -145,13 +147,14 @@ class ModelShape:
         return self.n_layers * self.block_size + tables + self.dim
 
     def matmul_parameters(self) -> int:
-        """Weights used in a matmul per token (lightning_3d.flops.matmul_params, for any head_dim)."""
-        q, kv = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
-        return self.n_layers * (2 * q * self.dim + 2 * kv * self.dim + 3 * self.dim * self.ffn_dim) + self.dim * self.vocab_size
+        """Weights used in a matmul per token (lightning_3d.flops, for any head_dim)."""
+        return decoder_matmul_params(
+            self.n_layers, self.dim, self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.ffn_dim, self.vocab_size
+        )
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Forward + backward FLOPs of one token (lightning_3d.flops.flops_per_token's rule)."""
-        return 6 * self.matmul_parameters() + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        """Forward + backward FLOPs of one token (lightning_3d.flops' rule)."""
+        return decoder_flops_per_token(self.matmul_parameters(), self.n_layers, self.n_heads * self.head_dim, seq_len)
 
     def describe(self) -> str:
         billions = self.num_parameters / 1e9
@@ -162,9 +165,3 @@ class ModelShape:
             + (", tied embeddings" if self.tie_embeddings else "")
         )
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
