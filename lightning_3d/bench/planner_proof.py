@@ -45,7 +45,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_3d.bench.launch import run_workers
-from lightning_3d.bench.measure import compose_config, local_state_bytes, median, release_memory
+from lightning_3d.bench.measure import compose_config, local_state_bytes, median, release_memory, steady_step_times
 from lightning_3d.bench.memory import SavedTensorBytes
 from lightning_3d.callbacks.comm import CommAccounting
 from lightning_3d.comm import on_labels, view_labels
@@ -246,7 +246,7 @@ def measure_layout(out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     labels = view_labels(meshes)
     view_ranks = {name: dist.get_process_group_ranks(mesh.get_group()) for name, mesh in meshes.items() if mesh.ndim == 1}
     measured = {f"{dim}/{kind}": volume.as_dict() for (dim, kind), volume in comm.steps[0].items()} if comm.steps else {}
-    times = [later - earlier for earlier, later in zip(probe.starts, probe.starts[1:])][PROBED_STEP + 1:]
+    times = steady_step_times(probe.starts, PROBED_STEP + 1)  # the steps after the probed one
     result = {
         "pp_rank": meshes["pp"].get_local_rank(),
         "fsdp_index": meshes["fsdp"].get_local_rank(),

@@ -253,10 +253,10 @@ def nothing_fits_message(ranking: Ranking) -> str:
     gpus = _fitting_gpus(request)
     if gpus:
         options.append(f"cluster.gpus={gpus} (more devices)")
-    batch = _fitting_batch(request)
+    batch = _fitting_half(request, "global_batch_size", 1)
     if batch:
         options.append(f"data.global_batch_size={batch} (a smaller batch)")
-    seq = _fitting_seq(request)
+    seq = _fitting_half(request, "seq_len", 128)
     if seq:
         options.append(f"data.seq_len={seq} (shorter sequences)")
     if options:
@@ -302,19 +302,11 @@ def _fitting_gpus(request: PlanRequest) -> Optional[int]:
     return None
 
 
-def _fitting_batch(request: PlanRequest) -> Optional[int]:
-    batch = request.global_batch_size // 2
-    while batch >= 1:
-        if _any_fits(replace(request, global_batch_size=batch)):
-            return batch
-        batch //= 2
-    return None
-
-
-def _fitting_seq(request: PlanRequest) -> Optional[int]:
-    seq = request.seq_len // 2
-    while seq >= 128:
-        if _any_fits(replace(request, seq_len=seq)):
-            return seq
-        seq //= 2
+def _fitting_half(request: PlanRequest, field: str, smallest: int) -> Optional[int]:
+    """The largest of ``field``'s value halved again and again (down to ``smallest``) at which a layout fits."""
+    value = getattr(request, field) // 2
+    while value >= smallest:
+        if _any_fits(replace(request, **{field: value})):
+            return value
+        value //= 2
     return None

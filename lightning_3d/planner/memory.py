@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from math import prod
 
 from lightning_3d.parallel.pipeline_parallel import V_SHAPED, split_blocks, stages_of_rank
 from lightning_3d.planner.layouts import Layout
@@ -170,25 +171,19 @@ def rank_units(shape: ModelShape, layout: Layout, pp_rank: int) -> list[Unit]:
     return [unit for stage, blocks in rank_stages(shape, layout, pp_rank) for unit in stage_units(shape, layout, stage, blocks)]
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
-
 
 def shard_numel(shape: tuple[int, ...], parts: int, index: int = 0) -> int:
     """Elements of chunk ``index`` when dim 0 is cut into ``parts`` as ``torch.chunk`` cuts it."""
     if parts == 1:
-        return _numel(shape)
+        return prod(shape)
     chunk = -(-shape[0] // parts)
     rows = max(0, min(chunk, shape[0] - index * chunk))
-    return rows * _numel(shape[1:])
+    return rows * prod(shape[1:])
 
 
 def padded_numel(shape: tuple[int, ...], parts: int) -> int:
     """Elements of the whole tensor once FSDP2 pads dim 0 to a multiple of ``parts``."""
-    return -(-shape[0] // parts) * parts * _numel(shape[1:])
+    return -(-shape[0] // parts) * parts * prod(shape[1:])
 
 
 @lru_cache(maxsize=None)
@@ -212,7 +207,7 @@ def model_states(shape: ModelShape, layout: Layout, precision: Precision, pp_ran
         if unit.table and layout.tp > 1 and parts == 1 and layout.dp_replicate == 1 and shape.table_split() == "col":
             # measured (torch 2.13): without data parallel, the vocab-sharded embedding's gradient
             # comes out of backward whole
-            table_grad_extra += _numel((shape.vocab_size, shape.dim)) - _numel(unit.shapes[0])
+            table_grad_extra += prod((shape.vocab_size, shape.dim)) - prod(unit.shapes[0])
     return (
         params * precision.param,
         (params + table_grad_extra) * precision.grad,

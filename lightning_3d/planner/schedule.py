@@ -85,24 +85,17 @@ def in_flight(schedule: str, pp: int, microbatches: int, stages_per_rank: int, p
     return {stage: int(snapshots[:, position].max()) for position, stage in enumerate(stages)}
 
 
-def peak_held(
-    schedule: str, pp: int, microbatches: int, stages_per_rank: int, pp_rank: int,
-    per_microbatch: Mapping[int, float], kept_after_weight: Mapping[int, float] | None = None,
-) -> float:
-    """The most bytes rank ``pp_rank`` holds at once, when a microbatch of stage s holds
-    ``per_microbatch[s]`` bytes until its backward, and, under a split backward, still
-    ``kept_after_weight[s]`` of them from its weight-gradient half to the end of the step."""
-    return peak_split(schedule, pp, microbatches, stages_per_rank, pp_rank, per_microbatch, kept_after_weight)[0]
-
-
 def peak_split(
     schedule: str, pp: int, microbatches: int, stages_per_rank: int, pp_rank: int,
     per_microbatch: Mapping[int, float], kept_after_weight: Mapping[int, float] | None = None,
     part: Mapping[int, float] | None = None, part_kept: Mapping[int, float] | None = None,
 ) -> tuple[float, float]:
-    """:func:`peak_held`, and how much of it one part of each microbatch makes up at that
-    peak (``part[s]`` of ``per_microbatch[s]`` while whole, ``part_kept[s]`` of
-    ``kept_after_weight[s]`` after its weight-gradient half): e.g. the loss's log-softmax."""
+    """(the most bytes rank ``pp_rank`` holds at once, how much of it one part of each
+    microbatch makes up at that peak), when a microbatch of stage s holds ``per_microbatch[s]``
+    bytes until its backward and, under a split backward, still ``kept_after_weight[s]`` of them
+    from its weight-gradient half to the end of the step. The part (e.g. the loss's
+    log-softmax) is ``part[s]`` of ``per_microbatch[s]`` while whole and ``part_kept[s]`` of
+    ``kept_after_weight[s]`` after its weight-gradient half."""
     part, part_kept = part or {}, part_kept or {}
     if pp == 1:
         return per_microbatch[0], part.get(0, 0.0)
