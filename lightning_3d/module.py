@@ -143,6 +143,9 @@ def adamw_with_schedule(
         lr=optim.lr,
         betas=tuple(optim.betas),
         eps=optim.eps,
+        # one dispatch per op for all tensors; torch's default on CPU is a loop over the
+        # parameters, which with DTensor parameters costs a sharding lookup per op and tensor
+        foreach=True,
     )
     decay_steps = optim.decay_steps or max(1, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

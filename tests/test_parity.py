@@ -76,6 +76,8 @@ FOUR_RANKS = {
     "ddp2_tp2_no_sp": DEBUG + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.tp=2", "parallel.sequence_parallel=false"],
     "dp_shard4_no_reshard": DEBUG + ["parallel.dp_shard=4", "parallel.reshard_after_forward=false"],
     "dp_shard2_tp2_tied": DEBUG + TIED + ["parallel.dp_shard=2", "parallel.tp=2"],
+    # every tensor-parallel case above multiplies local shards (perf.tp_local_linears); this one DTensors
+    "dp_shard2_tp2_dtensor_linears": DEBUG + ["parallel.dp_shard=2", "parallel.tp=2", "perf.tp_local_linears=false"],
     "1f1b_pp4_8_layers": DEBUG + pp(4, "1f1b") + ["parallel.dp_shard=1", "model.n_layers=8"],
     "1f1b_pp4_uneven_6_layers": DEBUG + pp(4, "1f1b") + ["parallel.dp_shard=1", "model.n_layers=6"],
     # accumulate_grad_batches=2 over a global batch of 16 = one batch of 16

@@ -99,7 +99,7 @@ def parallelize(
         if perf.float8:
             apply_float8(part, plan)
         if dims.tp > 1:
-            apply_tensor_parallel(part, plan, meshes["tp"])
+            apply_tensor_parallel(part, plan, meshes["tp"], local_linears=perf.tp_local_linears and not perf.compile)
         if dims.cp > 1 and is_hf_model(part):
             use_ring_attention(part, meshes["cp"].get_group(), config.cp_backend)
             part.context_parallel_rank = (meshes["cp"].get_local_rank(), dims.cp)  # for pipeline stages

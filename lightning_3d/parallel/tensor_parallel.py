@@ -1,13 +1,30 @@
-"""Tensor (+ sequence) parallel: apply a plan's module → ParallelStyle dicts with DTensor."""
+"""Tensor (+ sequence) parallel: apply a plan's module → ParallelStyle dicts with DTensor.
+
+Parameters are always DTensors (what checkpoints, FSDP2 and the optimizer see). A plain
+``nn.Linear`` under torch's own ``ColwiseParallel`` / ``RowwiseParallel`` also multiplies with
+plain tensors (``local_linears``): its forward takes the local shards with ``to_local``, calls
+``F.linear`` once, and goes through DTensor only where data crosses ranks (``redistribute``) or a
+gradient must be marked partial. The result and every gradient are DTensor's own, but the matmul,
+its transposes and views skip DTensor's per-op sharding propagation, forward and backward.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from lightning_3d.parallel.tied import retie, tied_parameter_names
 from lightning_3d.plans.base import ParallelPlan
+
+_REPLICATE = (Replicate(),)
+_PARTIAL = (Partial(),)
+_LAST_DIM = (Shard(-1),)
 
 
 def blocks_of(model: nn.Module, plan: ParallelPlan) -> list[nn.Module]:
@@ -26,12 +43,95 @@ def present_module(model: nn.Module, name: str) -> nn.Module | None:
     return None if isinstance(found, nn.Identity) else found
 
 
-def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh) -> None:
-    """Shard each block with ``plan.block_tp``, then the rest with ``plan.top_tp``."""
+def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh, local_linears: bool = True) -> None:
+    """Shard each block with ``plan.block_tp``, then the rest with ``plan.top_tp``; with
+    ``local_linears`` plain linear layers under torch's column-/row-wise styles multiply local shards."""
     tied = tied_parameter_names(model)
     for block in blocks_of(model, plan):
-        parallelize_module(block, tp_mesh, plan.block_tp)
+        parallelize_module(block, tp_mesh, _styles(block, plan.block_tp, local_linears))
     top_tp = {name: style for name, style in plan.top_tp.items() if present_module(model, name) is not None}
     if top_tp:
-        parallelize_module(model, tp_mesh, top_tp)
+        parallelize_module(model, tp_mesh, _styles(model, top_tp, local_linears))
     retie(model, tied)
+
+
+def _styles(owner: nn.Module, styles: dict[str, ParallelStyle], local_linears: bool) -> dict[str, ParallelStyle]:
+    if not local_linears:
+        return styles
+    swapped: dict[str, ParallelStyle] = {}
+    for name, style in styles.items():
+        # exact types only: a subclass (float8's, a user's) or a Linear subclass keeps its own forward
+        try:
+            plain_linear = type(owner.get_submodule(name)) is nn.Linear
+        except AttributeError:  # a wildcard name: parallelize_module resolves it, with the style as given
+            plain_linear = False
+        local = {ColwiseParallel: LocalColwiseLinear, RowwiseParallel: LocalRowwiseLinear}.get(type(style))
+        swapped[name] = local.from_style(style) if plain_linear and local is not None else style
+    return swapped
+
+
+class _LocalLinear:
+    """Shards ``nn.Linear`` parameters as the parent style does, then replaces its forward."""
+
+    @classmethod
+    def from_style(cls, style: ColwiseParallel | RowwiseParallel) -> ParallelStyle:
+        local = cls(input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
+                    use_local_output=style.use_local_output)
+        local.src_data_rank = style.src_data_rank
+        return local
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if type(module) is not nn.Linear:
+            return super()._apply(module, device_mesh)
+        distribute_module(module, device_mesh, self._partition_linear_fn)
+        module.forward = self._forward(module, device_mesh)
+        return module
+
+    def _forward(self, module: nn.Linear, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+
+class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
+    """``ColwiseParallel`` for ``nn.Linear``: weight and bias Shard(0), output Shard(-1); the input
+    is made whole (Replicate) and its gradient, a partial sum on each rank, reduced by DTensor."""
+
+    def _forward(self, module: nn.Linear, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
+        input_layouts, output_layouts, use_local = self.input_layouts, self.output_layouts, self.use_local_output
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, input_layouts, run_check=False)
+            if x.placements != _REPLICATE:
+                x = x.redistribute(mesh, _REPLICATE)
+            bias = module.bias.to_local() if module.bias is not None else None
+            y = F.linear(x.to_local(grad_placements=_PARTIAL), module.weight.to_local(), bias)
+            if output_layouts == _LAST_DIM and use_local:
+                return y
+            y = DTensor.from_local(y, mesh, _LAST_DIM, run_check=False)
+            if y.placements != output_layouts:
+                y = y.redistribute(mesh, output_layouts)
+            return y.to_local() if use_local else y
+
+        return forward
+
+
+class LocalRowwiseLinear(_LocalLinear, RowwiseParallel):
+    """``RowwiseParallel`` for ``nn.Linear``: weight Shard(1), bias Replicate; the input is the
+    local Shard(-1) slice, the product a partial sum that DTensor reduces into ``output_layouts``."""
+
+    def _forward(self, module: nn.Linear, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
+        input_layouts, output_layouts, use_local = self.input_layouts, self.output_layouts, self.use_local_output
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not isinstance(x, DTensor) and input_layouts != _LAST_DIM:
+                x = DTensor.from_local(x, mesh, input_layouts, run_check=False)
+            if isinstance(x, DTensor):
+                x = (x if x.placements == _LAST_DIM else x.redistribute(mesh, _LAST_DIM)).to_local()
+            y = DTensor.from_local(F.linear(x, module.weight.to_local()), mesh, _PARTIAL, run_check=False)
+            y = y.redistribute(mesh, output_layouts)
+            if module.bias is not None:
+                y = y + module.bias
+            return y.to_local() if use_local else y
+
+        return forward
+

@@ -1,0 +1,74 @@
+"""Worker for tests/test_tensor_parallel.py: each case builds the same small module twice on a
+tp=2 mesh, once with torch's ColwiseParallel / RowwiseParallel and once with the local-linear
+styles, runs one forward and backward on the same input, and records outputs and gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from case_harness import run_cases
+from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
+
+from lightning_3d.parallel.tensor_parallel import LocalColwiseLinear, LocalRowwiseLinear
+
+LAYOUTS = {"replicate": Replicate(), "sequence": Shard(1), "last": Shard(-1)}
+
+
+class MLP(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 12, bias=bias)
+        self.down = nn.Linear(12, 8, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _saved(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor that ``torch.load(weights_only=True)`` reads (not a pending collective's)."""
+    tensor = _whole(tensor)
+    return (tensor.wait() if isinstance(tensor, AsyncCollectiveTensor) else tensor).detach().clone()
+
+
+def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = MLP(case["bias"])
+    residual = LAYOUTS[case["residual"]]
+    colwise, rowwise = (LocalColwiseLinear, LocalRowwiseLinear) if local else (ColwiseParallel, RowwiseParallel)
+    plan = {"up": colwise(output_layouts=LAYOUTS[case["up_out"]], use_local_output=case["up_local"]),
+            "down": rowwise(input_layouts=LAYOUTS[case["down_in"]], output_layouts=residual, use_local_output=case["down_local"])}
+    if case["prepare"]:  # the block's input made whole once, as the Llama plan's PrepareModuleInput does
+        plan[""] = PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),))
+    else:
+        plan["up"].input_layouts = (residual,)
+    parallelize_module(model, mesh, plan)
+    whole = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1))
+    x = (whole.chunk(2, dim=1)[dist.get_rank()] if case["residual"] == "sequence" else whole).clone().requires_grad_(True)
+    y = model(x)
+    out = _whole(y)  # this rank's output (a DTensor gathered, differentiably)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    result = {"y": _saved(out), "x_grad": _saved(x.grad), "y_is_dtensor": torch.tensor(isinstance(y, DTensor))}
+    result.update({f"grad.{name}": _saved(param.grad) for name, param in model.named_parameters()})
+    result["local_forward"] = torch.tensor("forward" in vars(model.up))
+    return result
+
+
+def run_case(name: str, case: dict[str, Any], out: Path) -> dict[str, Any]:
+    return {"dtensor": _run(False, case), "local": _run(True, case)}
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    run_cases(run_case)

@@ -1,0 +1,50 @@
+"""The local-linear tensor-parallel styles (``perf.tp_local_linears``) against torch's own.
+
+Two gloo ranks on a tp=2 mesh; every case is one forward and backward of a small MLP under
+``ColwiseParallel`` / ``RowwiseParallel`` and under ``LocalColwiseLinear`` / ``LocalRowwiseLinear``
+with the same layouts: outputs, input gradients and parameter gradients must agree. Whole
+models train to the 1-process losses with the local styles in every tensor-parallel case of
+tests/test_parity.py and tests/test_any_model.py (the default), and with DTensor's in
+``dp_shard2_tp2_dtensor_linears``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_parity import _torchrun
+
+WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
+BASE = {"bias": False, "residual": "replicate", "up_out": "last", "up_local": True, "down_in": "last", "down_local": True, "prepare": True}
+CASES = {
+    "replicated_residual": BASE,
+    "sequence_parallel": {**BASE, "residual": "sequence"},
+    "sequence_parallel_no_prepare": {**BASE, "residual": "sequence", "prepare": False},
+    "biases": {**BASE, "bias": True},
+    "biases_sequence_parallel": {**BASE, "bias": True, "residual": "sequence"},
+    # the output of a row-wise layer kept as a DTensor; a column-wise layer gathering its output
+    "dtensor_output": {**BASE, "down_local": False},
+    "colwise_gathers_output": {**BASE, "up_out": "replicate", "down_in": "replicate"},
+    "colwise_dtensor_output": {**BASE, "up_local": False},
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("local_linears")
+    _torchrun(2, CASES, out_dir, worker=WORKER)
+    return {case: torch.load(out_dir / f"{case}.pt", weights_only=True) for case in CASES}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_local_linears_match_dtensor_styles(case, results):
+    result = results[case]
+    assert "failed" not in result, result.get("traceback")
+    dtensor, local = result["dtensor"], result["local"]
+    assert bool(local["local_forward"]) and not bool(dtensor["local_forward"])
+    assert bool(local["y_is_dtensor"]) == bool(dtensor["y_is_dtensor"])
+    assert set(local) == set(dtensor)
+    for key in set(dtensor) - {"local_forward"}:
+        torch.testing.assert_close(local[key], dtensor[key], rtol=1e-6, atol=1e-6, msg=f"{case}: {key}")
