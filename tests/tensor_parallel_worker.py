@@ -1,6 +1,6 @@
 """Worker for tests/test_tensor_parallel.py: each case builds the same small module twice on a
 tp=2 mesh, once with torch's ColwiseParallel / RowwiseParallel and once with the local-linear
-styles, runs one forward and backward on the same input, and records outputs and gradients."""
+styles (and ``SequenceParallel`` / ``LocalSequenceParallel`` on a norm), runs one forward and backward on the same input, and records outputs and gradients."""
 
 from __future__ import annotations
 
@@ -14,21 +14,28 @@ from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
-from lightning_3d.parallel.tensor_parallel import LocalColwiseLinear, LocalRowwiseLinear
+from lightning_3d.parallel.tensor_parallel import LocalColwiseLinear, LocalRowwiseLinear, LocalSequenceParallel
 
 LAYOUTS = {"replicate": Replicate(), "sequence": Shard(1), "last": Shard(-1)}
 
 
 class MLP(nn.Module):
-    def __init__(self, bias: bool) -> None:
+    def __init__(self, bias: bool, norm: bool) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(8) if norm else nn.Identity()
         self.up = nn.Linear(8, 12, bias=bias)
         self.down = nn.Linear(12, 8, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.tanh(self.up(x)))
+        return self.down(torch.tanh(self.up(self.norm(x))))
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,11 +51,15 @@ def _saved(tensor: torch.Tensor) -> torch.Tensor:
 def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)
-    model = MLP(case["bias"])
+    model = MLP(case["bias"], case["norm"])
     residual = LAYOUTS[case["residual"]]
-    colwise, rowwise = (LocalColwiseLinear, LocalRowwiseLinear) if local else (ColwiseParallel, RowwiseParallel)
+    colwise, rowwise, sequence = (
+        (LocalColwiseLinear, LocalRowwiseLinear, LocalSequenceParallel) if local else (ColwiseParallel, RowwiseParallel, SequenceParallel)
+    )
     plan = {"up": colwise(output_layouts=LAYOUTS[case["up_out"]], use_local_output=case["up_local"]),
             "down": rowwise(input_layouts=LAYOUTS[case["down_in"]], output_layouts=residual, use_local_output=case["down_local"])}
+    if case["norm"]:  # the norm on this rank's tokens, as the Llama plan's SequenceParallel norms
+        plan["norm"] = sequence(use_local_output=case["norm_local"])
     if case["prepare"]:  # the block's input made whole once, as the Llama plan's PrepareModuleInput does
         plan[""] = PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),))
     else:
@@ -61,12 +72,12 @@ def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
     result = {"y": _saved(out), "x_grad": _saved(x.grad), "y_is_dtensor": torch.tensor(isinstance(y, DTensor))}
     result.update({f"grad.{name}": _saved(param.grad) for name, param in model.named_parameters()})
-    result["local_forward"] = torch.tensor("forward" in vars(model.up))
+    result["local_forward"] = torch.tensor(["forward" in vars(module) for module in (model.up, model.down, model.norm)])
     return result
 
 
 def run_case(name: str, case: dict[str, Any], out: Path) -> dict[str, Any]:
-    return {"dtensor": _run(False, case), "local": _run(True, case)}
+    return {"dtensor": _run(False, case), "local": _run(True, case), "case": case}
 
 
 if __name__ == "__main__":

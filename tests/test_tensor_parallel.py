@@ -1,8 +1,8 @@
-"""The local-linear tensor-parallel styles (``perf.tp_local_linears``) against torch's own.
+"""The local tensor-parallel styles (``perf.tp_local_linears``) against torch's own.
 
 Two gloo ranks on a tp=2 mesh; every case is one forward and backward of a small MLP under
 ``ColwiseParallel`` / ``RowwiseParallel`` and under ``LocalColwiseLinear`` / ``LocalRowwiseLinear``
-with the same layouts: outputs, input gradients and parameter gradients must agree. Whole
+with the same layouts, and a LayerNorm under ``SequenceParallel`` / ``LocalSequenceParallel``: outputs, input gradients and parameter gradients must agree. Whole
 models train to the 1-process losses with the local styles in every tensor-parallel case of
 tests/test_parity.py and tests/test_any_model.py (the default), and with DTensor's in
 ``dp_shard2_tp2_dtensor_linears``.
@@ -17,7 +17,8 @@ import torch
 from test_parity import _torchrun
 
 WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
-BASE = {"bias": False, "residual": "replicate", "up_out": "last", "up_local": True, "down_in": "last", "down_local": True, "prepare": True}
+BASE = {"bias": False, "residual": "replicate", "up_out": "last", "up_local": True, "down_in": "last", "down_local": True, "prepare": True,
+        "norm": False, "norm_local": False}
 CASES = {
     "replicated_residual": BASE,
     "sequence_parallel": {**BASE, "residual": "sequence"},
@@ -25,6 +26,10 @@ CASES = {
     "biases": {**BASE, "bias": True},
     "biases_sequence_parallel": {**BASE, "bias": True, "residual": "sequence"},
     # the output of a row-wise layer kept as a DTensor; a column-wise layer gathering its output
+    # a norm under SequenceParallel on this rank's tokens, its output a DTensor or a plain tensor
+    "norm_sequence_parallel": {**BASE, "residual": "sequence", "prepare": False, "norm": True},
+    "norm_sequence_parallel_local_output": {**BASE, "residual": "sequence", "norm": True, "norm_local": True},
+    "norm_sequence_parallel_biases": {**BASE, "bias": True, "residual": "sequence", "prepare": False, "norm": True},
     "dtensor_output": {**BASE, "down_local": False},
     "colwise_gathers_output": {**BASE, "up_out": "replicate", "down_in": "replicate"},
     "colwise_dtensor_output": {**BASE, "up_local": False},
@@ -43,7 +48,9 @@ def test_local_linears_match_dtensor_styles(case, results):
     result = results[case]
     assert "failed" not in result, result.get("traceback")
     dtensor, local = result["dtensor"], result["local"]
-    assert bool(local["local_forward"]) and not bool(dtensor["local_forward"])
+    # the local styles replaced the forward of up, down and (when it has a style) norm
+    assert local["local_forward"].tolist() == [True, True, result["case"]["norm"]]
+    assert not dtensor["local_forward"].any()
     assert bool(local["y_is_dtensor"]) == bool(dtensor["y_is_dtensor"])
     assert set(local) == set(dtensor)
     for key in set(dtensor) - {"local_forward"}:

@@ -1,23 +1,31 @@
 """Tensor (+ sequence) parallel: apply a plan's module → ParallelStyle dicts with DTensor.
 
-Parameters are always DTensors (what checkpoints, FSDP2 and the optimizer see). A plain
-``nn.Linear`` under torch's own ``ColwiseParallel`` / ``RowwiseParallel`` also multiplies with
-plain tensors (``local_linears``): its forward takes the local shards with ``to_local``, calls
-``F.linear`` once, and goes through DTensor only where data crosses ranks (``redistribute``) or a
-gradient must be marked partial. The result and every gradient are DTensor's own, but the matmul,
-its transposes and views skip DTensor's per-op sharding propagation, forward and backward.
+Parameters are always DTensors (what checkpoints, FSDP2 and the optimizer see). With
+``local_linears`` (``perf.tp_local_linears``) the modules under torch's own styles also compute
+with plain tensors: a plain ``nn.Linear`` under ``ColwiseParallel`` / ``RowwiseParallel`` takes
+the local shards with ``to_local`` and calls ``F.linear`` once; a norm under ``SequenceParallel``
+runs its own forward on the local tokens with local parameters. DTensor is used only where data
+crosses ranks (``redistribute``) or a gradient must be marked a partial sum, so every result and
+gradient is DTensor's own, but the matmuls, norms, transposes and views skip DTensor's per-op
+sharding propagation, forward and backward.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from lightning_3d.parallel.tied import retie, tied_parameter_names
 from lightning_3d.plans.base import ParallelPlan
@@ -60,18 +68,22 @@ def _styles(owner: nn.Module, styles: dict[str, ParallelStyle], local_linears: b
         return styles
     swapped: dict[str, ParallelStyle] = {}
     for name, style in styles.items():
-        # exact types only: a subclass (float8's, a user's) or a Linear subclass keeps its own forward
         try:
-            plain_linear = type(owner.get_submodule(name)) is nn.Linear
+            target = owner.get_submodule(name)
         except AttributeError:  # a wildcard name: parallelize_module resolves it, with the style as given
-            plain_linear = False
-        local = {ColwiseParallel: LocalColwiseLinear, RowwiseParallel: LocalRowwiseLinear}.get(type(style))
-        swapped[name] = local.from_style(style) if plain_linear and local is not None else style
+            target = None
+        # exact types only: a style subclass (float8's, a user's) keeps its own behaviour
+        local = _LOCAL_STYLES.get(type(style))
+        swapped[name] = local.from_style(style) if local is not None and local.fits(target) else style
     return swapped
 
 
 class _LocalLinear:
     """Shards ``nn.Linear`` parameters as the parent style does, then replaces its forward."""
+
+    @staticmethod
+    def fits(module: nn.Module | None) -> bool:
+        return type(module) is nn.Linear  # a Linear subclass keeps its own forward
 
     @classmethod
     def from_style(cls, style: ColwiseParallel | RowwiseParallel) -> ParallelStyle:
@@ -81,7 +93,7 @@ class _LocalLinear:
         return local
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if type(module) is not nn.Linear:
+        if not self.fits(module):
             return super()._apply(module, device_mesh)
         distribute_module(module, device_mesh, self._partition_linear_fn)
         module.forward = self._forward(module, device_mesh)
@@ -135,3 +147,53 @@ class LocalRowwiseLinear(_LocalLinear, RowwiseParallel):
 
         return forward
 
+
+
+class LocalSequenceParallel(SequenceParallel):
+    """``SequenceParallel`` for a module whose parameters are all its own (a norm): parameters
+    Replicate; the module's forward runs on this rank's slice of the sequence with plain local
+    parameters, whose gradients are marked partial sums (each rank saw other tokens), as
+    DTensor's path leaves them for the step to reduce."""
+
+    @staticmethod
+    def fits(module: nn.Module | None) -> bool:
+        return module is not None and next(module.children(), None) is None
+
+    @classmethod
+    def from_style(cls, style: SequenceParallel) -> ParallelStyle:
+        local = cls(sequence_dim=style.sequence_sharding[0].dim, use_local_output=style.use_local_output)
+        local.src_data_rank = style.src_data_rank
+        return local
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not self.fits(module):
+            return super()._apply(module, device_mesh)
+        distribute_module(module, device_mesh, self._replicate_module_fn)
+        module.forward = self._forward(module, device_mesh)
+        return module
+
+    def _forward(self, module: nn.Module, mesh: DeviceMesh) -> Callable[..., torch.Tensor]:
+        run, sharding, use_local = module.forward, self.sequence_sharding, self.use_local_output
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if isinstance(x, DTensor):
+                x = (x if x.placements == sharding else x.redistribute(mesh, sharding)).to_local()
+            # the module reads its parameters as attributes: plain local views for this call
+            params = dict(module._parameters)
+            try:
+                for name, param in params.items():
+                    if param is not None:
+                        module._parameters[name] = param.to_local(grad_placements=_PARTIAL)
+                y = run(x, *args, **kwargs)
+            finally:
+                module._parameters.update(params)
+            return y if use_local else DTensor.from_local(y, mesh, sharding, run_check=False)
+
+        return forward
+
+
+_LOCAL_STYLES: dict[type, Any] = {
+    ColwiseParallel: LocalColwiseLinear,
+    RowwiseParallel: LocalRowwiseLinear,
+    SequenceParallel: LocalSequenceParallel,
+}
