@@ -119,7 +119,7 @@ def _free_port() -> int:
 def _torchrun(nproc: int, cases: dict[str, list[str]], out_dir: Path, nnodes: int = 1, worker: Path = WORKER) -> None:
     """Launch ``nnodes`` torchrun agents on this machine and wait for all of them."""
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints its Python stack
     agents = []
     for node_rank in range(nnodes):
         rendezvous = (
