@@ -73,17 +73,38 @@ def _styles(owner: nn.Module, styles: dict[str, ParallelStyle], local_linears: b
         except AttributeError:  # a wildcard name: parallelize_module resolves it, with the style as given
             target = None
         # exact types only: a style subclass (float8's, a user's) keeps its own behaviour
-        local = _LOCAL_STYLES.get(type(style))
-        swapped[name] = local.from_style(style) if local is not None and local.fits(target) else style
+        local = _LOCAL_STYLES[type(style)].from_style(style) if type(style) in _LOCAL_STYLES else None
+        swapped[name] = local if local is not None and local.fits(target) else style
     return swapped
 
 
-class _LocalLinear:
-    """Shards ``nn.Linear`` parameters as the parent style does, then replaces its forward."""
+class _LocalCompute:
+    """Shards a module's parameters as the parent style does, then replaces its forward with one
+    on local tensors; a module the local forward does not fit gets the parent style as it is."""
 
-    @staticmethod
-    def fits(module: nn.Module | None) -> bool:
+    def fits(self, module: nn.Module | None) -> bool:
+        raise NotImplementedError
+
+    def _partition_fn(self) -> Callable[[str, nn.Module, DeviceMesh], None]:
+        raise NotImplementedError
+
+    def _forward(self, module: nn.Module, mesh: DeviceMesh) -> Callable[..., torch.Tensor]:
+        raise NotImplementedError
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not self.fits(module):
+            return super()._apply(module, device_mesh)
+        distribute_module(module, device_mesh, self._partition_fn())
+        module.forward = self._forward(module, device_mesh)
+        return module
+
+
+class _LocalLinear(_LocalCompute):
+    def fits(self, module: nn.Module | None) -> bool:
         return type(module) is nn.Linear  # a Linear subclass keeps its own forward
+
+    def _partition_fn(self) -> Callable[[str, nn.Module, DeviceMesh], None]:
+        return self._partition_linear_fn
 
     @classmethod
     def from_style(cls, style: ColwiseParallel | RowwiseParallel) -> ParallelStyle:
@@ -91,16 +112,6 @@ class _LocalLinear:
                     use_local_output=style.use_local_output)
         local.src_data_rank = style.src_data_rank
         return local
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not self.fits(module):
-            return super()._apply(module, device_mesh)
-        distribute_module(module, device_mesh, self._partition_linear_fn)
-        module.forward = self._forward(module, device_mesh)
-        return module
-
-    def _forward(self, module: nn.Linear, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
-        raise NotImplementedError
 
 
 class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
@@ -149,28 +160,23 @@ class LocalRowwiseLinear(_LocalLinear, RowwiseParallel):
 
 
 
-class LocalSequenceParallel(SequenceParallel):
+class LocalSequenceParallel(_LocalCompute, SequenceParallel):
     """``SequenceParallel`` for a module whose parameters are all its own (a norm): parameters
     Replicate; the module's forward runs on this rank's slice of the sequence with plain local
     parameters, whose gradients are marked partial sums (each rank saw other tokens), as
     DTensor's path leaves them for the step to reduce."""
 
-    @staticmethod
-    def fits(module: nn.Module | None) -> bool:
+    def fits(self, module: nn.Module | None) -> bool:
         return module is not None and next(module.children(), None) is None
+
+    def _partition_fn(self) -> Callable[[str, nn.Module, DeviceMesh], None]:
+        return self._replicate_module_fn
 
     @classmethod
     def from_style(cls, style: SequenceParallel) -> ParallelStyle:
         local = cls(sequence_dim=style.sequence_sharding[0].dim, use_local_output=style.use_local_output)
         local.src_data_rank = style.src_data_rank
         return local
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not self.fits(module):
-            return super()._apply(module, device_mesh)
-        distribute_module(module, device_mesh, self._replicate_module_fn)
-        module.forward = self._forward(module, device_mesh)
-        return module
 
     def _forward(self, module: nn.Module, mesh: DeviceMesh) -> Callable[..., torch.Tensor]:
         run, sharding, use_local = module.forward, self.sequence_sharding, self.use_local_output
