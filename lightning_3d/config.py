@@ -118,9 +118,9 @@ class PerfConfig:
     ac_every: int = 2  # selective: checkpoint blocks 0, k, 2k, ...
     compile: bool = False  # torch.compile each transformer block
     compile_backend: str = "inductor"  # inductor | aot_eager | eager (any torch.compile backend)
-    # tensor parallel: plain nn.Linear layers under column-/row-wise styles multiply their local
-    # shards as plain tensors (DTensor only for the collectives); false: DTensor for every op.
-    # Compiled blocks always take the DTensor path.
+    # tensor parallel: plain nn.Linear layers under column-/row-wise styles, and norms under
+    # SequenceParallel, compute on their local shards as plain tensors (DTensor only for the
+    # collectives); false: DTensor for every op. Compiled blocks always take the DTensor path.
     tp_local_linears: bool = True
     fsdp_prefetch: int = 1  # FSDP2 all-gathers this many blocks ahead (forward and backward); 1: FSDP2's own
     # consecutive blocks share one FSDP2 / replicate unit until it holds at least this many MiB of

@@ -159,7 +159,6 @@ class LocalRowwiseLinear(_LocalLinear, RowwiseParallel):
         return forward
 
 
-
 class LocalSequenceParallel(_LocalCompute, SequenceParallel):
     """``SequenceParallel`` for a module whose parameters are all its own (a norm): parameters
     Replicate; the module's forward runs on this rank's slice of the sequence with plain local
