@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
@@ -135,6 +136,10 @@ def adamw_with_schedule(
     """AdamW with no weight decay on norm gains (1-D parameters), and its per-step LR schedule:
     linear warmup, then cosine decay over ``optim.decay_steps`` (default ``max_steps``)."""
     params = list(params)
+    # one dispatch per op for all tensors; torch's default on CPU is a loop over the parameters,
+    # which with DTensor parameters costs a sharding lookup per op and tensor. A list must not
+    # mix DTensors and plain tensors, so a mixed model keeps torch's default.
+    foreach = True if len({isinstance(param, DTensor) for param in params}) == 1 else None
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
@@ -143,9 +148,7 @@ def adamw_with_schedule(
         lr=optim.lr,
         betas=tuple(optim.betas),
         eps=optim.eps,
-        # one dispatch per op for all tensors; torch's default on CPU is a loop over the
-        # parameters, which with DTensor parameters costs a sharding lookup per op and tensor
-        foreach=True,
+        foreach=foreach,
     )
     decay_steps = optim.decay_steps or max(1, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

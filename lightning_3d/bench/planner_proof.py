@@ -72,6 +72,9 @@ def base_overrides(recipe: str, steps: int) -> list[str]:
         "trainer.log_every_n_steps=50",
         "data.val_batches=1",
         "checkpoint.every_n_steps=null",
+        # the activation formulas follow DTensor's tensor-parallel path; the default local compute
+        # saves less (docs/planner.md, limits)
+        "perf.tp_local_linears=false",
     ]
 
 
