@@ -400,7 +400,7 @@ def expected_step_volume(config: Config, dims: ParallelDims, pp_rank: int = 0) -
         ),
         "pp": _pipeline(model, dims.pp, one, stage_ids, num_stages),
         "cp": _context_parallel(model, parallel.cp_backend, dims.cp, one),
-        "step_health": _step_health(dims.world_size),
+        "step_health": step_health_volume(dims.world_size),
     }
     return {name: table for name, table in sources.items() if table}
 
@@ -519,7 +519,7 @@ def _context_parallel(model: ModelConfig, backend: str, cp: int, one: _Pass) -> 
     return table
 
 
-def _step_health(world_size: int) -> Totals:
+def step_health_volume(world_size: int) -> Totals:
     """nonfinite.step_health, the step's only collective outside the parallelisms: the squared grad
     norm, the deferred token-loss sum and token count, and a loss and a grad flag per rank (fp64)."""
     table: Totals = {}

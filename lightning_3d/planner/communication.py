@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from lightning_3d.comm import Totals, Volume, _step_health, add_volume
+from lightning_3d.comm import Totals, Volume, add_volume, step_health_volume
 from lightning_3d.planner.layouts import Layout
 from lightning_3d.planner.memory import (
     Precision,
@@ -85,7 +85,7 @@ def step_volume(
         "pp": _pipeline(shape, layout, precision, seq_len, rank),
         "cp": _context_parallel(shape, layout, precision, seq_len, rank),
         "tied": _tied(shape, layout, precision, rank),
-        "step_health": _step_health(layout.world_size),
+        "step_health": step_health_volume(layout.world_size),
     }
     return {name: table for name, table in sources.items() if table}
 

@@ -171,7 +171,6 @@ def rank_units(shape: ModelShape, layout: Layout, pp_rank: int) -> list[Unit]:
     return [unit for stage, blocks in rank_stages(shape, layout, pp_rank) for unit in stage_units(shape, layout, stage, blocks)]
 
 
-
 def shard_numel(shape: tuple[int, ...], parts: int, index: int = 0) -> int:
     """Elements of chunk ``index`` when dim 0 is cut into ``parts`` as ``torch.chunk`` cuts it."""
     if parts == 1:

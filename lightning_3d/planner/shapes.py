@@ -164,4 +164,3 @@ class ModelShape:
             f"{self.n_heads} heads ({self.kv_heads} kv), ffn {self.ffn_dim}, vocab {self.vocab_size}"
             + (", tied embeddings" if self.tie_embeddings else "")
         )
-
