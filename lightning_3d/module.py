@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_3d.config import ModelConfig, OptimConfig, ParallelConfig
 from lightning_3d.loss import count_tokens, cross_entropy_sum, token_weighted_loss
 from lightning_3d.models.llama import PretrainedWeights, Transformer, init_parameter
+from lightning_3d.optim import ShardLocalAdamW
 from lightning_3d.plans import ParallelPlan, llama_plan
 
 # The logged losses are already global (identical on every rank); syncing them is not needed.
@@ -126,21 +127,33 @@ class CausalLM(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, scheduler = adamw_with_schedule(self.parameters(), self.optim_config, self.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_optimizer_config(self.parameters(), self.optim_config, self.trainer.max_steps)
+
+
+def adamw_optimizer_config(params: Iterable[torch.nn.Parameter], optim: OptimConfig, max_steps: int) -> dict[str, Any]:
+    """``configure_optimizers``' answer: :func:`adamw_with_schedule`, the schedule stepped every
+    optimizer step; its learning rates are logged as ``lr-AdamW/pg1`` / ``pg2``."""
+    optimizer, scheduler = adamw_with_schedule(params, optim, max_steps)
+    # named, so the logged key stays torch's optimizer's name, not ShardLocalAdamW's
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr-AdamW"}}
 
 
 def adamw_with_schedule(
-    params: Iterable[torch.nn.Parameter], optim: OptimConfig, max_steps: int
+    params: Iterable[torch.nn.Parameter], optim: OptimConfig, max_steps: int, shard_local: bool = True
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with no weight decay on norm gains (1-D parameters), and its per-step LR schedule:
-    linear warmup, then cosine decay over ``optim.decay_steps`` (default ``max_steps``)."""
+    linear warmup, then cosine decay over ``optim.decay_steps`` (default ``max_steps``).
+
+    ``shard_local``: :class:`~lightning_3d.optim.ShardLocalAdamW` (the same update on the local
+    shards of DTensor parameters); else torch's ``AdamW``."""
     params = list(params)
-    # one dispatch per op for all tensors; torch's default on CPU is a loop over the parameters,
-    # which with DTensor parameters costs a sharding lookup per op and tensor. A list must not
-    # mix DTensors and plain tensors, so a mixed model keeps torch's default.
-    foreach = True if len({isinstance(param, DTensor) for param in params}) == 1 else None
-    optimizer = torch.optim.AdamW(
+    if shard_local:
+        # one dispatch per op for all tensors (torch's default on CPU loops over the parameters)
+        optimizer_class, foreach = ShardLocalAdamW, True
+    else:
+        # a foreach list must not mix DTensors and plain tensors: a mixed model keeps torch's default
+        optimizer_class, foreach = torch.optim.AdamW, True if len({isinstance(p, DTensor) for p in params}) == 1 else None
+    optimizer = optimizer_class(
         [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},

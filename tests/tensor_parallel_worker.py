@@ -1,6 +1,8 @@
 """Worker for tests/test_tensor_parallel.py: each case builds the same small module twice on a
 tp=2 mesh, once with torch's ColwiseParallel / RowwiseParallel and once with the local-linear
-styles (and ``SequenceParallel`` / ``LocalSequenceParallel`` on a norm), runs one forward and backward on the same input, and records outputs and gradients."""
+styles (and ``SequenceParallel`` / ``LocalSequenceParallel`` on a norm), runs one forward and backward on the same input, and records outputs and gradients. The
+``optimizer`` cases run three steps of torch's AdamW and of ShardLocalAdamW on the same
+DTensor and plain parameters and gradients, and record parameters and states."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from case_harness import run_cases
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -22,6 +24,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from lightning_3d.optim import ShardLocalAdamW
 from lightning_3d.parallel.tensor_parallel import LocalColwiseLinear, LocalRowwiseLinear, LocalSequenceParallel
 
 LAYOUTS = {"replicate": Replicate(), "sequence": Shard(1), "last": Shard(-1)}
@@ -76,7 +79,39 @@ def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     return result
 
 
+def _adamw_steps(optimizer_class: type[torch.optim.Optimizer], amsgrad: bool) -> dict[str, torch.Tensor]:
+    """Three AdamW steps on a DTensor weight sharded unevenly (5 rows on 2 ranks), a replicated
+    DTensor gain whose gradient is a partial sum, and a plain tensor; the whole parameters and
+    states after them, and the placements of the states."""
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    whole_weight, whole_gain, plain = torch.randn(5, 3), torch.randn(3), torch.randn(4)
+    weight = nn.Parameter(distribute_tensor(whole_weight, mesh, (Shard(0),)))
+    gain = nn.Parameter(distribute_tensor(whole_gain, mesh, (Replicate(),)))
+    plain = nn.Parameter(plain)
+    optimizer = optimizer_class([{"params": [weight, plain], "weight_decay": 0.1}, {"params": [gain], "weight_decay": 0.0}],
+                                lr=0.01, amsgrad=amsgrad, foreach=True if optimizer_class is ShardLocalAdamW else False)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        weight.grad = distribute_tensor(torch.randn(5, 3, generator=generator), mesh, (Shard(0),))
+        # each rank holds half of the gain's gradient: a partial sum, as a norm under sequence parallel leaves it
+        halves = torch.randn(2, 3, generator=generator)
+        gain.grad = DTensor.from_local(halves[dist.get_rank()], mesh, (Partial(),), run_check=False)
+        plain.grad = torch.randn(4, generator=generator)
+        optimizer.step()
+    result = {f"param.{name}": _saved(param) for name, param in (("weight", weight), ("gain", gain), ("plain", plain))}
+    result["moved"] = torch.tensor(not torch.equal(result["param.weight"], whole_weight))
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            result[f"state.{index}.{key}"] = _saved(value)
+            if isinstance(value, DTensor):
+                result[f"placements.{index}.{key}"] = torch.tensor([isinstance(p, Shard) for p in value.placements])
+    return result
+
+
 def run_case(name: str, case: dict[str, Any], out: Path) -> dict[str, Any]:
+    if case.get("optimizer"):
+        return {"torch": _adamw_steps(torch.optim.AdamW, case["amsgrad"]), "local": _adamw_steps(ShardLocalAdamW, case["amsgrad"])}
     return {"dtensor": _run(False, case), "local": _run(True, case), "case": case}
 
 

@@ -2,7 +2,10 @@
 
 Two gloo ranks on a tp=2 mesh; every case is one forward and backward of a small MLP under
 ``ColwiseParallel`` / ``RowwiseParallel`` and under ``LocalColwiseLinear`` / ``LocalRowwiseLinear``
-with the same layouts, and a LayerNorm under ``SequenceParallel`` / ``LocalSequenceParallel``: outputs, input gradients and parameter gradients must agree. Whole
+with the same layouts, and a LayerNorm under ``SequenceParallel`` / ``LocalSequenceParallel``:
+outputs, input gradients and parameter gradients must agree. ``ShardLocalAdamW`` takes three
+steps beside torch's AdamW on the same DTensor and plain parameters: the same parameters and
+states. Whole
 models train to the 1-process losses with the local styles in every tensor-parallel case of
 tests/test_parity.py and tests/test_any_model.py (the default), and with DTensor's in
 ``dp_shard2_tp2_dtensor_linears``.
@@ -34,13 +37,14 @@ CASES = {
     "colwise_gathers_output": {**BASE, "up_out": "replicate", "down_in": "replicate"},
     "colwise_dtensor_output": {**BASE, "up_local": False},
 }
+OPTIMIZER_CASES = {"adamw": {"optimizer": True, "amsgrad": False}, "adamw_amsgrad": {"optimizer": True, "amsgrad": True}}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("local_linears")
-    _torchrun(2, CASES, out_dir, worker=WORKER)
-    return {case: torch.load(out_dir / f"{case}.pt", weights_only=True) for case in CASES}
+    _torchrun(2, CASES | OPTIMIZER_CASES, out_dir, worker=WORKER)
+    return {case: torch.load(out_dir / f"{case}.pt", weights_only=True) for case in CASES | OPTIMIZER_CASES}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -55,3 +59,19 @@ def test_local_linears_match_dtensor_styles(case, results):
     assert set(local) == set(dtensor)
     for key in set(dtensor) - {"local_forward"}:
         torch.testing.assert_close(local[key], dtensor[key], rtol=1e-6, atol=1e-6, msg=f"{case}: {key}")
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_shard_local_adamw_matches_torch_adamw(case, results):
+    """ShardLocalAdamW on local shards = torch's AdamW on the DTensors: the same parameters and
+    states (an uneven Shard(0) weight, a replicated gain with a partial-sum gradient, a plain
+    tensor, in one foreach list), the states still DTensors with the parameters' placements."""
+    result = results[case]
+    assert "failed" not in result, result.get("traceback")
+    reference, local = result["torch"], result["local"]
+    assert set(local) == set(reference)
+    assert {"placements.0.exp_avg", "placements.2.exp_avg_sq"} <= set(local)  # DTensor states
+    assert local["placements.0.exp_avg"].tolist() == [True] and local["placements.2.exp_avg"].tolist() == [False]
+    for key in reference:
+        torch.testing.assert_close(local[key], reference[key], rtol=1e-6, atol=1e-7, msg=f"{case}: {key}")
+    assert bool(local["moved"])  # an update was compared, not the initial values

@@ -129,7 +129,10 @@ class HandParallelizedLM(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, schedule = adamw_with_schedule(self.parameters(), self.config.optim, self.trainer.max_steps)
+        # torch's AdamW, as Lightning's users write it
+        optimizer, schedule = adamw_with_schedule(
+            self.parameters(), self.config.optim, self.trainer.max_steps, shard_local=False
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

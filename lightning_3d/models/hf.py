@@ -64,7 +64,6 @@ class HFCausalLM(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        from lightning_3d.module import adamw_with_schedule
+        from lightning_3d.module import adamw_optimizer_config
 
-        optimizer, scheduler = adamw_with_schedule(self.parameters(), self.optim_config, self.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_optimizer_config(self.parameters(), self.optim_config, self.trainer.max_steps)
