@@ -24,6 +24,9 @@ from torch.distributed._functional_collectives import all_gather_tensor_autograd
 # torch ≥ 2.1: the local tensor of an async DTensor collective, and the wait that finishes it (its
 # backward is the identity): compiled blocks get finished inputs (parallel/compile.py)
 from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
+# torch ≥ 2.4: a DTensor's sharding spec (mesh, placements, global shape / stride), built once and
+# reused: wrapping a gradient with a known spec skips DTensor.from_local's checks (local TP compute)
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 # torch ≥ 2.4: which block of the global tensor a DTensor's local shard is (pretrained weights read only it)
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 # torch ≥ 2.0: wraps a block in torch.utils.checkpoint (activation checkpointing), keeping parameter names
@@ -94,6 +97,19 @@ def compile_backends() -> list[str]:
 def flatten_mesh(mesh: "DeviceMesh", name: str) -> "DeviceMesh":
     """A 1-D view over several mesh dims (torch ≥ 2.6 ``DeviceMesh._flatten``; kept by name, never re-sliced)."""
     return mesh._flatten(name)
+
+
+def dtensor_spec(tensor: "torch.distributed.tensor.DTensor") -> "DTensorSpec":
+    """A DTensor's sharding spec (``DTensor._spec``)."""
+    return tensor._spec
+
+
+def dtensor_with_spec(local: torch.Tensor, spec: "DTensorSpec") -> "torch.distributed.tensor.DTensor":
+    """A DTensor of ``local`` with a known ``spec``, no checks, no autograd (the ``DTensor``
+    constructor, which ``from_local`` calls after them; a few µs instead of tens)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor(local, spec, requires_grad=False)
 
 
 def set_group_timeout(group: "dist.ProcessGroup", timeout: timedelta) -> None:

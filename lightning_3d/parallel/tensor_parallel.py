@@ -2,12 +2,14 @@
 
 Parameters are always DTensors (what checkpoints, FSDP2 and the optimizer see). With
 ``local_linears`` (``perf.tp_local_linears``) the modules under torch's own styles also compute
-with plain tensors: a plain ``nn.Linear`` under ``ColwiseParallel`` / ``RowwiseParallel`` takes
-the local shards with ``to_local`` and calls ``F.linear`` once; a norm under ``SequenceParallel``
-runs its own forward on the local tokens with local parameters. DTensor is used only where data
-crosses ranks (``redistribute``) or a gradient must be marked a partial sum, so every result and
-gradient is DTensor's own, but the matmuls, norms, transposes and views skip DTensor's per-op
-sharding propagation, forward and backward.
+with plain tensors: a plain ``nn.Linear`` under ``ColwiseParallel`` / ``RowwiseParallel`` calls
+``F.linear`` once on its local shards; a norm under ``SequenceParallel`` runs its own forward on
+the local tokens with local parameters. Where data crosses ranks the layer runs the one c10d
+collective DTensor would run, as an autograd function on the local tensor
+(:mod:`lightning_3d.parallel.tp_local`), and parameter gradients go back as DTensors with the
+placements DTensor gives them. Results and gradients are DTensor's; the matmuls, norms,
+transposes, views and layout changes skip DTensor's per-op sharding propagation and checks,
+forward and backward. A DTensor input (from a ``PrepareModuleInput``) is still read through DTensor.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -28,6 +30,13 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_3d.parallel.tied import retie, tied_parameter_names
+from lightning_3d.parallel.tp_local import (
+    enter_replicated,
+    gather_shards,
+    local_view,
+    reduce_partial,
+    reduce_scatter_partial,
+)
 from lightning_3d.plans.base import ParallelPlan
 
 _REPLICATE = (Replicate(),)
@@ -99,9 +108,20 @@ class _LocalCompute:
         return module
 
 
+def _shard_dim(layouts: tuple[Placement, ...]) -> int:
+    return layouts[0].dim  # a Shard: the callers checked with _replicate_or_shard
+
+
+def _replicate_or_shard(layouts: tuple[Placement, ...]) -> bool:
+    return len(layouts) == 1 and isinstance(layouts[0], (Replicate, Shard))
+
+
 class _LocalLinear(_LocalCompute):
     def fits(self, module: nn.Module | None) -> bool:
-        return type(module) is nn.Linear  # a Linear subclass keeps its own forward
+        # a Linear subclass keeps its own forward; the activation's layout change is one the
+        # local collectives make (the column-wise input and the row-wise output)
+        layouts = self.input_layouts if isinstance(self, ColwiseParallel) else self.output_layouts
+        return type(module) is nn.Linear and _replicate_or_shard(layouts)
 
     def _partition_fn(self) -> Callable[[str, nn.Module, DeviceMesh], None]:
         return self._partition_linear_fn
@@ -115,19 +135,25 @@ class _LocalLinear(_LocalCompute):
 
 
 class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
-    """``ColwiseParallel`` for ``nn.Linear``: weight and bias Shard(0), output Shard(-1); the input
-    is made whole (Replicate) and its gradient, a partial sum on each rank, reduced by DTensor."""
+    """``ColwiseParallel`` for ``nn.Linear``: weight and bias Shard(0), output Shard(-1). The input
+    is made whole (a replicated plain tensor as it is, sequence shards all-gathered) and its
+    gradient, a partial sum on each rank, reduced (all-reduce / reduce-scatter); a DTensor input
+    leaves that reduction to DTensor, once for all the layers that read it."""
 
     def _forward(self, module: nn.Linear, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
         input_layouts, output_layouts, use_local = self.input_layouts, self.output_layouts, self.use_local_output
 
+        group = mesh.get_group()
+
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if not isinstance(x, DTensor):
-                x = DTensor.from_local(x, mesh, input_layouts, run_check=False)
-            if x.placements != _REPLICATE:
-                x = x.redistribute(mesh, _REPLICATE)
-            bias = module.bias.to_local() if module.bias is not None else None
-            y = F.linear(x.to_local(grad_placements=_PARTIAL), module.weight.to_local(), bias)
+            if isinstance(x, DTensor):
+                x = local_view(x if x.placements == _REPLICATE else x.redistribute(mesh, _REPLICATE), _PARTIAL)
+            elif input_layouts == _REPLICATE:
+                x = enter_replicated(x, group)
+            else:  # sequence shards
+                x = gather_shards(x, _shard_dim(input_layouts), group)
+            bias = local_view(module.bias) if module.bias is not None else None
+            y = F.linear(x, local_view(module.weight), bias)
             if output_layouts == _LAST_DIM and use_local:
                 return y
             y = DTensor.from_local(y, mesh, _LAST_DIM, run_check=False)
@@ -140,21 +166,33 @@ class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
 
 class LocalRowwiseLinear(_LocalLinear, RowwiseParallel):
     """``RowwiseParallel`` for ``nn.Linear``: weight Shard(1), bias Replicate; the input is the
-    local Shard(-1) slice, the product a partial sum that DTensor reduces into ``output_layouts``."""
+    local Shard(-1) slice, the product a partial sum, all-reduced (Replicate output) or
+    reduce-scattered (sequence shards) into ``output_layouts``."""
 
     def _forward(self, module: nn.Linear, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
         input_layouts, output_layouts, use_local = self.input_layouts, self.output_layouts, self.use_local_output
+
+        group, ranks = mesh.get_group(), mesh.size()
+        # the bias is added to the reduced output: a sum over this rank's tokens when those are a shard
+        bias_grad = _REPLICATE if output_layouts == _REPLICATE else _PARTIAL
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not isinstance(x, DTensor) and input_layouts != _LAST_DIM:
                 x = DTensor.from_local(x, mesh, input_layouts, run_check=False)
             if isinstance(x, DTensor):
                 x = (x if x.placements == _LAST_DIM else x.redistribute(mesh, _LAST_DIM)).to_local()
-            y = DTensor.from_local(F.linear(x, module.weight.to_local()), mesh, _PARTIAL, run_check=False)
-            y = y.redistribute(mesh, output_layouts)
+            y = F.linear(x, local_view(module.weight))  # this rank's partial sum
+            if output_layouts == _REPLICATE:
+                y = reduce_partial(y, group)
+            elif y.shape[_shard_dim(output_layouts)] % ranks == 0:
+                y = reduce_scatter_partial(y, _shard_dim(output_layouts), group)
+            else:  # uneven shards: DTensor's padded reduce-scatter, and a DTensor result
+                y = DTensor.from_local(y, mesh, _PARTIAL, run_check=False).redistribute(mesh, output_layouts)
+                y = y + module.bias if module.bias is not None else y
+                return y.to_local() if use_local else y
             if module.bias is not None:
-                y = y + module.bias
-            return y.to_local() if use_local else y
+                y = y + local_view(module.bias, bias_grad)
+            return y if use_local else DTensor.from_local(y, mesh, output_layouts, run_check=False)
 
         return forward
 
@@ -188,7 +226,7 @@ class LocalSequenceParallel(_LocalCompute, SequenceParallel):
             try:
                 for name, param in params.items():
                     if param is not None:
-                        module._parameters[name] = param.to_local(grad_placements=_PARTIAL)
+                        module._parameters[name] = local_view(param, _PARTIAL)
                 y = run(x, *args, **kwargs)
             finally:
                 module._parameters.update(params)

@@ -1,0 +1,146 @@
+"""The autograd pieces of tensor parallel's local compute: plain tensors in, plain tensors out.
+
+Each function is one layout change that DTensor would make for a tensor-parallel layer, written
+as a single autograd function on the local tensor: the c10d collective of the tensor-parallel
+group forward, its transpose backward (Megatron-LM's pairs). A DTensor round trip
+(``from_local`` → ``redistribute`` → ``to_local``) does the same in three autograd nodes with
+sharding checks in each, tens of µs per call on CPU, several times per layer and microbatch.
+
+- :func:`local_view`: a DTensor parameter's local shard; its gradient goes back as a DTensor
+  with the parameter's spec (or partial-sum placements), wrapped without checks.
+- :func:`enter_replicated`: identity forward; backward all-reduces the gradient, a partial sum
+  on each rank (a replicated input to column-wise layers).
+- :func:`reduce_partial`: all-reduce forward (a row-wise layer's partial sums → replicated);
+  identity backward.
+- :func:`gather_shards`: all-gather along ``dim`` forward (sequence shards → whole sequence for a
+  column-wise layer); reduce-scatter of the partial gradient backward.
+- :func:`reduce_scatter_partial`: reduce-scatter along ``dim`` forward (a row-wise layer's
+  partial sums → sequence shards); all-gather backward.
+
+Every collective is torch's eager c10d op on the group (the comm accounting counts them as
+DTensor's own); shards along ``dim`` are equal, as ``DTensor.from_local`` assumes too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Placement
+
+from lightning_3d.compat import DTensorSpec, dtensor_spec, dtensor_with_spec
+
+
+class _LocalView(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: DTensor, grad_spec: DTensorSpec) -> Tensor:
+        ctx.grad_spec = grad_spec
+        local = tensor.to_local()  # autograd is off inside forward: the local tensor itself
+        return local.view_as(local)  # a new tensor object for autograd to attach to
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[DTensor, None]:
+        return dtensor_with_spec(grad.contiguous(), ctx.grad_spec), None
+
+
+def local_view(tensor: DTensor, grad_placements: Sequence[Placement] | None = None) -> Tensor:
+    """``tensor.to_local(grad_placements=...)`` in one cheap autograd node."""
+    spec = dtensor_spec(tensor)
+    if grad_placements is not None and tuple(grad_placements) != spec.placements:
+        spec = DTensorSpec(spec.mesh, tuple(grad_placements), tensor_meta=spec.tensor_meta)
+    return _LocalView.apply(tensor, spec)
+
+
+def _all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _all_gather(tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+    ranks = dist.get_world_size(group)
+    gathered = tensor.new_empty((ranks * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(gathered, tensor.contiguous(), group=group)
+    if dim == 0:
+        return gathered
+    # rank blocks stacked on dim 0 → side by side on dim
+    blocks = gathered.view(ranks, *tensor.shape).movedim(0, dim)
+    return blocks.reshape(*tensor.shape[:dim], ranks * tensor.shape[dim], *tensor.shape[dim + 1 :])
+
+
+def _reduce_scatter(tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+    ranks = dist.get_world_size(group)
+    if tensor.shape[dim] % ranks:
+        raise ValueError(f"cannot reduce-scatter dim {dim} of size {tensor.shape[dim]} over {ranks} tensor-parallel ranks")
+    shard_shape = (*tensor.shape[:dim], tensor.shape[dim] // ranks, *tensor.shape[dim + 1 :])
+    # dim split into (ranks, shard) with the rank blocks moved to the front, contiguous for c10d
+    blocks = tensor.reshape(*tensor.shape[:dim], ranks, -1, *tensor.shape[dim + 1 :]).movedim(dim, 0).contiguous()
+    output = tensor.new_empty(shard_shape)
+    dist.reduce_scatter_tensor(output, blocks.view(ranks * shard_shape[0], *shard_shape[1:]), group=group)
+    return output
+
+
+class _EnterReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        # autograd may hand the same gradient tensor to several inputs: reduce a copy
+        return _all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
+
+
+class _ReducePartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+        return _all_reduce(tensor.contiguous(), group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _GatherShards(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(tensor, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(tensor, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+def enter_replicated(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """A replicated input to column-wise layers: the same tensor; its gradient all-reduced."""
+    return _EnterReplicated.apply(tensor, group)
+
+
+def reduce_partial(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Partial sums → their sum on every rank; the gradient passes through."""
+    return _ReducePartial.apply(tensor, group)
+
+
+def gather_shards(tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+    """Equal shards along ``dim`` → the whole tensor; the (partial) gradient reduce-scattered back."""
+    return _GatherShards.apply(tensor, dim % tensor.ndim, group)
+
+
+def reduce_scatter_partial(tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+    """Partial sums → this rank's shard of their sum along ``dim``; the gradient all-gathered back."""
+    return _ReduceScatterPartial.apply(tensor, dim % tensor.ndim, group)
