@@ -25,7 +25,12 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_3d.optim import ShardLocalAdamW
-from lightning_3d.parallel.tensor_parallel import LocalColwiseLinear, LocalRowwiseLinear, LocalSequenceParallel
+from lightning_3d.parallel.tensor_parallel import (
+    LocalColwiseLinear,
+    LocalPrepareModuleInput,
+    LocalRowwiseLinear,
+    LocalSequenceParallel,
+)
 
 LAYOUTS = {"replicate": Replicate(), "sequence": Shard(1), "last": Shard(-1)}
 
@@ -64,7 +69,7 @@ def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     if case["norm"]:  # the norm on this rank's tokens, as the Llama plan's SequenceParallel norms
         plan["norm"] = sequence(use_local_output=case["norm_local"])
     if case["prepare"]:  # the block's input made whole once, as the Llama plan's PrepareModuleInput does
-        plan[""] = PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),))
+        plan[""] = (LocalPrepareModuleInput if local else PrepareModuleInput)(input_layouts=(residual,), desired_input_layouts=(Replicate(),))
     else:
         plan["up"].input_layouts = (residual,)
     parallelize_module(model, mesh, plan)

@@ -24,18 +24,22 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
+from typing_extensions import override
 
 from lightning_3d.parallel.tied import retie, tied_parameter_names
 from lightning_3d.parallel.tp_local import (
     enter_replicated,
+    gather_replicated,
     gather_shards,
     local_view,
     reduce_partial,
     reduce_scatter_partial,
+    replicated_dtensor,
 )
 from lightning_3d.plans.base import ParallelPlan
 
@@ -144,6 +148,7 @@ class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
         input_layouts, output_layouts, use_local = self.input_layouts, self.output_layouts, self.use_local_output
 
         group = mesh.get_group()
+        even_output = module.out_features % mesh.size() == 0  # else DTensor's padded all-gather
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if isinstance(x, DTensor):
@@ -156,6 +161,8 @@ class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
             y = F.linear(x, local_view(module.weight), bias)
             if output_layouts == _LAST_DIM and use_local:
                 return y
+            if output_layouts == _REPLICATE and use_local and even_output:  # e.g. a head's logits, made whole
+                return gather_replicated(y, -1, group)
             y = DTensor.from_local(y, mesh, _LAST_DIM, run_check=False)
             if y.placements != output_layouts:
                 y = y.redistribute(mesh, output_layouts)
@@ -235,8 +242,36 @@ class LocalSequenceParallel(_LocalCompute, SequenceParallel):
         return forward
 
 
+class LocalPrepareModuleInput(PrepareModuleInput):
+    """``PrepareModuleInput`` whose plain positional inputs made ``Replicate`` (from ``Replicate`` or
+    an even ``Shard``, DTensor outputs) take one autograd node: the all-gather if any, the DTensor
+    wrapped with a known spec, and in backward the gradient reduced into the input's layout with
+    one c10d collective. Other inputs and layouts go through torch's own."""
+
+    @classmethod
+    def from_style(cls, style: PrepareModuleInput) -> ParallelStyle:
+        local = cls.__new__(cls)
+        local.__dict__.update(vars(style))
+        return local
+
+    def fits(self, module: nn.Module | None) -> bool:
+        return True
+
+    @override
+    def _prepare_input_arg(
+        self, input: Any, mesh: DeviceMesh, input_layout: Placement | None, desired_layout: Placement | None
+    ) -> Any:
+        if (
+            type(input) is torch.Tensor and not self.use_local_output and mesh.ndim == 1
+            and desired_layout == Replicate() and isinstance(input_layout, (Replicate, Shard))
+        ):
+            return replicated_dtensor(input, mesh, input_layout)
+        return super()._prepare_input_arg(input, mesh, input_layout, desired_layout)
+
+
 _LOCAL_STYLES: dict[type, Any] = {
     ColwiseParallel: LocalColwiseLinear,
     RowwiseParallel: LocalRowwiseLinear,
     SequenceParallel: LocalSequenceParallel,
+    PrepareModuleInput: LocalPrepareModuleInput,
 }

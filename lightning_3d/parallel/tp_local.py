@@ -16,6 +16,13 @@ sharding checks in each, tens of µs per call on CPU, several times per layer an
   column-wise layer); reduce-scatter of the partial gradient backward.
 - :func:`reduce_scatter_partial`: reduce-scatter along ``dim`` forward (a row-wise layer's
   partial sums → sequence shards); all-gather backward.
+- :func:`replicated_dtensor`: a plain input (replicated, or sequence shards all-gathered)
+  → a replicated DTensor, built without ``from_local``'s checks (a ``PrepareModuleInput``
+  before q, k, v); backward reduces the gradient, whatever DTensor left it as, into the input's
+  layout once for all the layers that read it.
+- :func:`gather_replicated`: all-gather along ``dim`` forward (a column-wise layer's output
+  shards → the whole output, e.g. the logits); backward keeps this rank's slice of the
+  gradient, which is the same on every rank (no collective).
 
 Every collective is torch's eager c10d op on the group (the comm accounting counts them as
 DTensor's own); shards along ``dim`` are equal, as ``DTensor.from_local`` assumes too.
@@ -29,9 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Placement
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from lightning_3d.compat import DTensorSpec, dtensor_spec, dtensor_with_spec
+from lightning_3d.compat import DTensorSpec, TensorMeta, dtensor_spec, dtensor_with_spec
 
 
 class _LocalView(torch.autograd.Function):
@@ -97,7 +105,10 @@ class _EnterReplicated(torch.autograd.Function):
 class _ReducePartial(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
-        return _all_reduce(tensor.contiguous(), group)
+        if not tensor.is_contiguous():
+            return _all_reduce(tensor.contiguous(), group)
+        ctx.mark_dirty(tensor)  # reduced in place: autograd must know the partial sums are gone
+        return _all_reduce(tensor, group)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -126,6 +137,54 @@ class _ReduceScatterPartial(torch.autograd.Function):
         return _all_gather(grad, ctx.dim, ctx.group), None, None
 
 
+class _GatherReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+        ctx.dim, ctx.rank, ctx.ranks = dim, dist.get_rank(group), dist.get_world_size(group)
+        return _all_gather(tensor, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad.chunk(ctx.ranks, dim=ctx.dim)[ctx.rank], None, None
+
+
+class _ReplicatedDTensor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, mesh: DeviceMesh, layout: Placement) -> DTensor:
+        ctx.mesh, ctx.layout, ctx.group = mesh, layout, mesh.get_group()
+        if isinstance(layout, Shard):
+            whole = _all_gather(tensor, layout.dim % tensor.ndim, ctx.group)
+        else:
+            whole = tensor.view_as(tensor)  # a new tensor object for autograd to attach to
+        spec = DTensorSpec(mesh, (Replicate(),), tensor_meta=TensorMeta(whole.shape, whole.stride(), whole.dtype))
+        return dtensor_with_spec(whole, spec)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        layout = ctx.layout
+        if not isinstance(grad, DTensor):  # a plain gradient of a replicated tensor: the same on every rank
+            grad_layout, local = Replicate(), grad
+        else:
+            grad_layout, local = grad.placements[0], grad.to_local()
+        if isinstance(grad_layout, Partial) and grad_layout.reduce_op == "sum":
+            if isinstance(layout, Shard):
+                return _reduce_scatter(local, layout.dim % local.ndim, ctx.group), None, None
+            # autograd may hand the same gradient tensor to several nodes: reduce a copy
+            return _all_reduce(local.clone(memory_format=torch.contiguous_format), ctx.group), None, None
+        if isinstance(grad_layout, Replicate):
+            if isinstance(layout, Shard):
+                return local.chunk(ctx.mesh.size(), dim=layout.dim)[ctx.mesh.get_local_rank()], None, None
+            return local, None, None
+        # any other layout: DTensor's redistribute
+        return grad.redistribute(ctx.mesh, (layout,)).to_local(), None, None
+
+
+def replicated_dtensor(tensor: Tensor, mesh: DeviceMesh, layout: Placement) -> DTensor:
+    """``DTensor.from_local(tensor, mesh, (layout,)).redistribute(mesh, (Replicate(),))`` for a
+    1-D mesh and a ``Replicate`` or even ``Shard`` layout, in one autograd node."""
+    return _ReplicatedDTensor.apply(tensor, mesh, layout)
+
+
 def enter_replicated(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
     """A replicated input to column-wise layers: the same tensor; its gradient all-reduced."""
     return _EnterReplicated.apply(tensor, group)
@@ -144,3 +203,8 @@ def gather_shards(tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
 def reduce_scatter_partial(tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
     """Partial sums → this rank's shard of their sum along ``dim``; the gradient all-gathered back."""
     return _ReduceScatterPartial.apply(tensor, dim % tensor.ndim, group)
+
+
+def gather_replicated(tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+    """Equal shards along ``dim`` → the whole tensor, replicated; this rank's slice of the gradient back."""
+    return _GatherReplicated.apply(tensor, dim % tensor.ndim, group)
