@@ -19,5 +19,8 @@ def run_workers(module: str, processes: int, *args: str) -> Any:
                    "-m", module, "--worker", str(out), *args]
         result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{module} worker failed on {processes} processes:\n{result.stderr[-3000:]}")
+            # the tail is torchrun's summary; a crashed rank's own output is further up
+            log = Path(tempfile.gettempdir()) / f"{module}.failed.log"
+            log.write_text(result.stderr)
+            raise RuntimeError(f"{module} worker failed on {processes} processes (all output: {log}):\n{result.stderr[-3000:]}")
         return json.loads(out.read_text())

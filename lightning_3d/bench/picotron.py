@@ -1,6 +1,6 @@
 """picotron (Hugging Face's small 4D-parallel trainer) against our strategy on the same 3D layout.
 
-    python -m lightning_3d.bench.picotron --picotron /path/to/picotron [--steps 25] [--rounds 2] [--warmup 3]
+    python -m lightning_3d.bench.picotron --picotron /path/to/picotron [--steps 25] [--rounds 2] [--warmup 3] [--units]
 
 ``--picotron`` is a checkout of github.com/huggingface/picotron (made against commit
 ``59714b1``). The harness applies ``picotron_cpu.patch`` (next to this file) to it unless it
@@ -23,8 +23,8 @@ the ``tiny`` model's shape (4 layers, dim 128, 8 heads, 4 kv heads, vocab 512, f
   parallel.sequence_parallel=false trainer.gradient_clip_val=null`` (DDP-style data parallel,
   no sequence parallel, no clipping, as picotron);
 - ours, the ``tiny`` recipe's own layout: FSDP2 ``dp_shard=2``, sequence parallel, clipping;
-- each of the two again with ``perf.dp_unit_min_mb=25`` (``..._units_25mb``): the blocks of a
-  stage grouped into one data-parallel unit, one gradient reduction per stage.
+- with ``--units``, each of the two again with ``perf.dp_unit_min_mb=25`` (``..._units_25mb``):
+  the blocks of a stage grouped into one data-parallel unit, one gradient reduction per stage.
 
 Our step times come from :class:`~lightning_3d.bench.measure.StepTimer` on rank 0 (start to
 next start), as in :mod:`lightning_3d.bench.layouts`; all of ours run in one launch. The first
@@ -269,14 +269,18 @@ def run_picotron(checkout: Path, work: Path, config: Config, steps: int, warmup:
             "tokens_per_step": step_tokens}
 
 
-def _worker(out: Path, steps: int, warmup: int) -> None:
-    """All of our variants, one after the other in this launch; rank 0's step times."""
+def _variants(units: bool) -> dict[str, list[str]]:
+    return {name: overrides for name, overrides in VARIANTS.items() if units or not name.endswith("_units_25mb")}
+
+
+def _worker(out: Path, steps: int, warmup: int, units: bool) -> None:
+    """Our variants, one after the other in this launch; rank 0's step times."""
     import torch.distributed as dist
 
     from lightning_3d.train import build, shutdown_distributed
 
     rows: dict[str, Any] = {}
-    for name, overrides in VARIANTS.items():
+    for name, overrides in _variants(units).items():
         release_memory()
         config = compose_config(out.parent / name, bench_overrides(warmup + steps + 1) + overrides)
         timer = StepTimer()
@@ -300,15 +304,15 @@ def summarize(runs: dict[str, list[list[float]]]) -> dict[str, Any]:
     return result
 
 
-def run(checkout: Path, steps: int, rounds: int, warmup: int, work: Path) -> dict[str, Any]:
+def run(checkout: Path, steps: int, rounds: int, warmup: int, work: Path, units: bool = False) -> dict[str, Any]:
     """Apply the patch, then picotron and all of ours in turn, ``rounds`` times."""
     patched = apply_patch(checkout)
     config = compose_config(work / "unused", bench_overrides(warmup + steps + 1), devices=PROCESSES)
-    runs: dict[str, list[list[float]]] = {"picotron": [], **{name: [] for name in VARIANTS}}
+    runs: dict[str, list[list[float]]] = {"picotron": [], **{name: [] for name in _variants(units)}}
     losses: dict[str, list[float]] = {}
     for index in range(rounds):
         picotron = run_picotron(checkout, work / "picotron", config, steps, warmup)
-        ours = run_workers(MODULE, PROCESSES, f"--steps={steps}", f"--warmup={warmup}")
+        ours = run_workers(MODULE, PROCESSES, f"--steps={steps}", f"--warmup={warmup}", *(["--units"] if units else []))
         for name, row in {"picotron": picotron, **ours}.items():
             if row["tokens_per_step"] != picotron["tokens_per_step"]:
                 raise RuntimeError(f"{name} processes {row['tokens_per_step']} tokens per step, picotron "
@@ -326,17 +330,18 @@ def main() -> None:
     parser.add_argument("--picotron", type=Path, help="a checkout of github.com/huggingface/picotron")
     parser.add_argument("--steps", type=int, default=25, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--units", action="store_true", help="also the two layouts with perf.dp_unit_min_mb=25")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out at the start of every run")
     parser.add_argument("--out", type=Path, help="also write every step time and loss here (JSON)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        _worker(args.worker, args.steps, args.warmup)
+        _worker(args.worker, args.steps, args.warmup, args.units)
         return
     if args.picotron is None:
         parser.error("--picotron PATH is required")
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.picotron.resolve(), args.steps, args.rounds, args.warmup, Path(tmp))
+        result = run(args.picotron.resolve(), args.steps, args.rounds, args.warmup, Path(tmp), args.units)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     print(f"patch: {result['patch']}; {result['tokens_per_step']} tokens per step; "
