@@ -107,13 +107,14 @@ def test_tensor_parallel_by_hand(runs):
 
 
 def test_each_collective_counted_once(runs):
-    # DTensor's functional all-reduce runs c10d.allreduce_ underneath: seen once, as the functional
-    # op. The local tensor-parallel layers' eager all-reduces are c10d ops of their own; the
-    # totals of test_tensor_parallel_by_hand show each counted once.
+    # DTensor's functional all-reduce (the embedding's output) runs c10d.allreduce_ underneath:
+    # seen once, as the functional op. The local tensor-parallel layers' eager collectives (the
+    # blocks' all-reduces, the head's logits all-gather) are c10d ops of their own; the totals
+    # of test_tensor_parallel_by_hand show each counted once.
     ops = runs["tp2"][0]["ops"]
     assert ops == [
-        "_c10d_functional.all_gather_into_tensor all_gather 524288",
         "_c10d_functional.all_reduce all_reduce 65536",
+        "c10d._allgather_base_ all_gather 524288",
         f"c10d.allreduce_ all_reduce {STEP_HEALTH}",
         "c10d.allreduce_ all_reduce 65536",
     ]  # sorted as strings
