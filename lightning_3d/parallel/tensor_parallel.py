@@ -9,7 +9,9 @@ collective DTensor would run, as an autograd function on the local tensor
 (:mod:`lightning_3d.parallel.tp_local`), and parameter gradients go back as DTensors with the
 placements DTensor gives them. Results and gradients are DTensor's; the matmuls, norms,
 transposes, views and layout changes skip DTensor's per-op sharding propagation and checks,
-forward and backward. A DTensor input (from a ``PrepareModuleInput``) is still read through DTensor.
+forward and backward. A ``PrepareModuleInput`` that makes a plain input whole becomes
+:class:`LocalPrepareModuleInput`: one autograd node for the DTensor it hands on, whose backward
+reduces the summed gradient of all the layers that read it once.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
     """``ColwiseParallel`` for ``nn.Linear``: weight and bias Shard(0), output Shard(-1). The input
     is made whole (a replicated plain tensor as it is, sequence shards all-gathered) and its
     gradient, a partial sum on each rank, reduced (all-reduce / reduce-scatter); a DTensor input
-    leaves that reduction to DTensor, once for all the layers that read it."""
+    leaves that reduction to the DTensor's maker (``LocalPrepareModuleInput``, DTensor's
+    ``from_local``), once for all the layers that read it."""
 
     def _forward(self, module: nn.Linear, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
         input_layouts, output_layouts, use_local = self.input_layouts, self.output_layouts, self.use_local_output

@@ -24,8 +24,9 @@ sharding checks in each, tens of µs per call on CPU, several times per layer an
   shards → the whole output, e.g. the logits); backward keeps this rank's slice of the
   gradient, which is the same on every rank (no collective).
 
-Every collective is torch's eager c10d op on the group (the comm accounting counts them as
-DTensor's own); shards along ``dim`` are equal, as ``DTensor.from_local`` assumes too.
+Every collective is torch's eager c10d op on the group (the comm accounting sees the same
+calls and bytes per mesh dim as for DTensor's path); shards along ``dim`` are equal, as
+``DTensor.from_local`` assumes too.
 """
 
 from __future__ import annotations
