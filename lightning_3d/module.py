@@ -145,9 +145,9 @@ def adamw_with_schedule(
     linear warmup, then cosine decay over ``optim.decay_steps`` (default ``max_steps``).
 
     ``shard_local``: :class:`~lightning_3d.optim.ShardLocalAdamW` (the same update on the local
-    shards of DTensor parameters); else torch's ``AdamW``."""
+    shards of DTensor parameters) when a parameter is a DTensor; else torch's ``AdamW``."""
     params = list(params)
-    if shard_local:
+    if shard_local and any(isinstance(p, DTensor) for p in params):
         # one dispatch per op for all tensors (torch's default on CPU loops over the parameters)
         optimizer_class, foreach = ShardLocalAdamW, True
     else:
