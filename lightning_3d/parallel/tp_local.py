@@ -68,6 +68,11 @@ def _all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
     return tensor
 
 
+def _all_reduced_copy(grad: Tensor, group: dist.ProcessGroup) -> Tensor:
+    # autograd may hand the same gradient tensor to several nodes: reduce a copy
+    return _all_reduce(grad.clone(memory_format=torch.contiguous_format), group)
+
+
 def _all_gather(tensor: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
     ranks = dist.get_world_size(group)
     gathered = tensor.new_empty((ranks * tensor.shape[0], *tensor.shape[1:]))
@@ -99,8 +104,7 @@ class _EnterReplicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        # autograd may hand the same gradient tensor to several inputs: reduce a copy
-        return _all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
+        return _all_reduced_copy(grad, ctx.group), None
 
 
 class _ReducePartial(torch.autograd.Function):
@@ -170,8 +174,7 @@ class _ReplicatedDTensor(torch.autograd.Function):
         if isinstance(grad_layout, Partial) and grad_layout.reduce_op == "sum":
             if isinstance(layout, Shard):
                 return _reduce_scatter(local, layout.dim % local.ndim, ctx.group), None, None
-            # autograd may hand the same gradient tensor to several nodes: reduce a copy
-            return _all_reduce(local.clone(memory_format=torch.contiguous_format), ctx.group), None, None
+            return _all_reduced_copy(local, ctx.group), None, None
         if isinstance(grad_layout, Replicate):
             if isinstance(layout, Shard):
                 return local.chunk(ctx.mesh.size(), dim=layout.dim)[ctx.mesh.get_local_rank()], None, None
