@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_parity import FORK_LAUNCH
 
 from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.context_parallel import shard_batch, shard_sequence
@@ -152,7 +153,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus.mkdir()
     for i in range(40):
         (corpus / f"doc{i:03d}.txt").write_text(f"document {i:03d} " + "x" * 300)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
+    command = [sys.executable, str(FORK_LAUNCH), "2", str(WORKER)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*command, str(out_dir), str(corpus)], capture_output=True, text=True, timeout=300, env=env, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conventions_models import TinyNet, TinyRegressor
+from test_parity import FORK_LAUNCH
 from torch import nn
 
-from conventions_models import TinyNet, TinyRegressor
 from lightning_3d.config import ModelConfig, ParallelConfig
 from lightning_3d.errors import ConfigError
 from lightning_3d.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -45,7 +46,7 @@ TWO_RANKS = {
 
 
 def _torchrun(nproc: int, cases: dict, out_dir: Path) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(WORKER)]
+    command = [sys.executable, str(FORK_LAUNCH), str(nproc), str(WORKER)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(out_dir / "worker.log", "w") as log:
         code = subprocess.run([*command, str(out_dir), json.dumps(cases)], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=600).returncode

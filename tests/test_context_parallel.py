@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_parity import FORK_LAUNCH
 
 from lightning_3d.parallel.context_parallel import balanced_positions, shard_sequence
 
@@ -20,7 +21,7 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda cp: f"cp{cp}")
 def op_results(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("cp_op") / "results.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(request.param), str(WORKER), str(out)]
+    command = [sys.executable, str(FORK_LAUNCH), str(request.param), str(WORKER), str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text())

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_parity import _free_port
-
+from test_parity import FORK_LAUNCH, _free_port
 
 HERE = Path(__file__).parent
 NONFINITE_WORKER = HERE / "nonfinite_worker.py"
@@ -52,7 +51,7 @@ def nonfinite(tmp_path_factory) -> dict:
         },
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(NONFINITE_WORKER)]
+    command = [sys.executable, str(FORK_LAUNCH), "4", str(NONFINITE_WORKER)]
     with open(out_dir / "log.txt", "w") as log:
         code = subprocess.run([*command, str(out_dir), json.dumps(cases)], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=600).returncode
     if code != 0:

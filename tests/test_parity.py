@@ -26,6 +26,7 @@ from lightning_3d.module import adamw_with_schedule
 from lightning_3d.train import CONF_DIR
 
 WORKER = Path(__file__).with_name("parity_worker.py")
+FORK_LAUNCH = Path(__file__).with_name("fork_launch.py")
 DEBUG = ["recipe=debug"]
 TIED = ["model.tie_embeddings=true"]
 
@@ -117,17 +118,21 @@ def _free_port() -> int:
 
 
 def _torchrun(nproc: int, cases: dict[str, list[str]], out_dir: Path, nnodes: int = 1, worker: Path = WORKER) -> None:
-    """Launch ``nnodes`` torchrun agents on this machine and wait for all of them."""
+    """Launch ``nproc`` ranks on each of ``nnodes`` nodes of this machine and wait for all of them.
+
+    One node: the ranks are forked from one process that imported the stack once
+    (tests/fork_launch.py). Several nodes: one torchrun agent per node, with a rendezvous.
+    """
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints its Python stack
     agents = []
     for node_rank in range(nnodes):
-        rendezvous = (
-            ["--standalone"]
+        rendezvous = ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        command = (
+            [sys.executable, str(FORK_LAUNCH), str(nproc), str(worker)]
             if nnodes == 1
-            else ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+            else [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc), str(worker)]
         )
-        command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc), str(worker)]
         log = open(out_dir / f"node{node_rank}.log", "w")
         agents.append((subprocess.Popen([*command, str(out_dir), json.dumps(cases)], stdout=log, stderr=subprocess.STDOUT, env=env), log))
     failed = []
@@ -137,7 +142,7 @@ def _torchrun(nproc: int, cases: dict[str, list[str]], out_dir: Path, nnodes: in
         log.close()
     if failed:
         tails = "\n".join(Path(name).read_text()[-4000:] for name in failed)
-        pytest.fail(f"torchrun group failed ({failed}):\n{tails}")
+        pytest.fail(f"rank group failed ({failed}):\n{tails}")
 
 
 def _results(tmp_path_factory: pytest.TempPathFactory, name: str, nproc: int, cases: dict, nnodes: int = 1) -> dict:
