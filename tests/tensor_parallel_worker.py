@@ -2,7 +2,8 @@
 tp=2 mesh, once with torch's ColwiseParallel / RowwiseParallel and once with the local-linear
 styles (and ``SequenceParallel`` / ``LocalSequenceParallel`` on a norm), runs one forward and backward on the same input, and records outputs and gradients. The
 ``optimizer`` cases run three steps of torch's AdamW and of ShardLocalAdamW on the same
-DTensor and plain parameters and gradients, and record parameters and states."""
+DTensor and plain parameters and gradients, and record parameters and states. The
+``embedding`` cases look up ids under ``RowwiseParallel`` and ``LocalRowwiseEmbedding``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from lightning_3d.optim import ShardLocalAdamW
 from lightning_3d.parallel.tensor_parallel import (
     LocalColwiseLinear,
     LocalPrepareModuleInput,
+    LocalRowwiseEmbedding,
     LocalRowwiseLinear,
     LocalSequenceParallel,
 )
@@ -84,6 +86,23 @@ def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     return result
 
 
+def _run_embedding(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An ``nn.Embedding`` under RowwiseParallel (DTensor's masked lookup) or LocalRowwiseEmbedding."""
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = nn.Embedding(case["vocab"], 4, padding_idx=case["padding_idx"])
+    style = LocalRowwiseEmbedding if local else RowwiseParallel
+    parallelize_module(model, mesh, style(input_layouts=Replicate(), output_layouts=LAYOUTS[case["out"]], use_local_output=case["local_output"]))
+    # every id of the vocabulary, the padding id among them, from both ranks' blocks of rows
+    ids = torch.randint(case["vocab"], (2, 6), generator=torch.Generator().manual_seed(1))
+    ids[0, :3] = torch.tensor([0, case["vocab"] - 1, case["padding_idx"] or 0])
+    y = model(ids)
+    out = _whole(y)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return {"y": _saved(out), "grad.weight": _saved(model.weight.grad), "y_is_dtensor": torch.tensor(isinstance(y, DTensor)),
+            "local_forward": torch.tensor(["forward" in vars(model)])}
+
+
 def _adamw_steps(optimizer_class: type[torch.optim.Optimizer], amsgrad: bool) -> dict[str, torch.Tensor]:
     """Three AdamW steps on a DTensor weight sharded unevenly (5 rows on 2 ranks), a replicated
     DTensor gain whose gradient is a partial sum, and a plain tensor; the whole parameters and
@@ -115,6 +134,8 @@ def _adamw_steps(optimizer_class: type[torch.optim.Optimizer], amsgrad: bool) ->
 
 
 def run_case(name: str, case: dict[str, Any], out: Path) -> dict[str, Any]:
+    if case.get("embedding"):
+        return {"dtensor": _run_embedding(False, case), "local": _run_embedding(True, case), "case": case}
     if case.get("optimizer"):
         return {"torch": _adamw_steps(torch.optim.AdamW, case["amsgrad"]), "local": _adamw_steps(ShardLocalAdamW, case["amsgrad"])}
     return {"dtensor": _run(False, case), "local": _run(True, case), "case": case}

@@ -3,7 +3,8 @@
 Two gloo ranks on a tp=2 mesh; every case is one forward and backward of a small MLP under
 ``ColwiseParallel`` / ``RowwiseParallel`` and under ``LocalColwiseLinear`` / ``LocalRowwiseLinear``
 with the same layouts, and a LayerNorm under ``SequenceParallel`` / ``LocalSequenceParallel``:
-outputs, input gradients and parameter gradients must agree. ``ShardLocalAdamW`` takes three
+outputs, input gradients and parameter gradients must agree. An ``nn.Embedding`` under
+``RowwiseParallel`` and ``LocalRowwiseEmbedding``: the same outputs and weight gradients. ``ShardLocalAdamW`` takes three
 steps beside torch's AdamW on the same DTensor and plain parameters: the same parameters and
 states. Whole
 models train to the 1-process losses with the local styles in every tensor-parallel case of
@@ -37,14 +38,23 @@ CASES = {
     "colwise_gathers_output": {**BASE, "up_out": "replicate", "down_in": "replicate"},
     "colwise_dtensor_output": {**BASE, "up_local": False},
 }
+EMBEDDING = {"embedding": True, "vocab": 10, "padding_idx": None, "out": "replicate", "local_output": True}
+EMBEDDING_CASES = {
+    "embedding_replicated_output": EMBEDDING,
+    # the padding row in rank 1's block; the output reduce-scattered into sequence shards
+    "embedding_padding_sequence_parallel": {**EMBEDDING, "padding_idx": 7, "out": "sequence"},
+    "embedding_dtensor_output": {**EMBEDDING, "local_output": False},
+    "embedding_uneven_vocabulary": {**EMBEDDING, "vocab": 9},  # 9 rows on 2 ranks: DTensor's path
+}
 OPTIMIZER_CASES = {"adamw": {"optimizer": True, "amsgrad": False}, "adamw_amsgrad": {"optimizer": True, "amsgrad": True}}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("local_linears")
-    _torchrun(2, CASES | OPTIMIZER_CASES, out_dir, worker=WORKER)
-    return {case: torch.load(out_dir / f"{case}.pt", weights_only=True) for case in CASES | OPTIMIZER_CASES}
+    cases = CASES | EMBEDDING_CASES | OPTIMIZER_CASES
+    _torchrun(2, cases, out_dir, worker=WORKER)
+    return {case: torch.load(out_dir / f"{case}.pt", weights_only=True) for case in cases}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -59,6 +69,24 @@ def test_local_linears_match_dtensor_styles(case, results):
     assert set(local) == set(dtensor)
     for key in set(dtensor) - {"local_forward"}:
         torch.testing.assert_close(local[key], dtensor[key], rtol=1e-6, atol=1e-6, msg=f"{case}: {key}")
+
+
+@pytest.mark.parametrize("case", list(EMBEDDING_CASES))
+def test_local_embedding_matches_dtensor_rowwise(case, results):
+    """LocalRowwiseEmbedding = RowwiseParallel's masked lookup: the same output (all-reduced or
+    reduce-scattered, plain or DTensor) and weight gradient, the padding row's gradient zero; an
+    uneven vocabulary keeps DTensor's path."""
+    result = results[case]
+    assert "failed" not in result, result.get("traceback")
+    dtensor, local = result["dtensor"], result["local"]
+    assert bool(local["local_forward"]) == (result["case"]["vocab"] % 2 == 0)
+    assert not bool(dtensor["local_forward"])
+    assert bool(local["y_is_dtensor"]) == bool(dtensor["y_is_dtensor"])
+    for key in ("y", "grad.weight"):
+        torch.testing.assert_close(local[key], dtensor[key], rtol=1e-6, atol=1e-6, msg=f"{case}: {key}")
+    assert local["grad.weight"].abs().sum() > 0
+    if result["case"]["padding_idx"] is not None:
+        assert not local["grad.weight"][result["case"]["padding_idx"]].any()
 
 
 @pytest.mark.parametrize("case", list(OPTIMIZER_CASES))

@@ -4,7 +4,8 @@ Parameters are always DTensors (what checkpoints, FSDP2 and the optimizer see). 
 ``local_linears`` (``perf.tp_local_linears``) the modules under torch's own styles also compute
 with plain tensors: a plain ``nn.Linear`` under ``ColwiseParallel`` / ``RowwiseParallel`` calls
 ``F.linear`` once on its local shards; a norm under ``SequenceParallel`` runs its own forward on
-the local tokens with local parameters. Where data crosses ranks the layer runs the one c10d
+the local tokens with local parameters; an ``nn.Embedding`` under ``RowwiseParallel`` looks up
+its own block of rows. Where data crosses ranks the layer runs the one c10d
 collective DTensor would run, as an autograd function on the local tensor
 (:mod:`lightning_3d.parallel.tp_local`), and parameter gradients go back as DTensors with the
 placements DTensor gives them. Results and gradients are DTensor's; the matmuls, norms,
@@ -88,8 +89,8 @@ def _styles(owner: nn.Module, styles: dict[str, ParallelStyle], local_linears: b
         except AttributeError:  # a wildcard name: parallelize_module resolves it, with the style as given
             target = None
         # exact types only: a style subclass (float8's, a user's) keeps its own behaviour
-        local = _LOCAL_STYLES[type(style)].from_style(style) if type(style) in _LOCAL_STYLES else None
-        swapped[name] = local if local is not None and local.fits(target) else style
+        candidates = (local_style.from_style(style) for local_style in _LOCAL_STYLES.get(type(style), ()))
+        swapped[name] = next((local for local in candidates if local.fits(target)), style)
     return swapped
 
 
@@ -106,8 +107,11 @@ class _LocalCompute:
     def _forward(self, module: nn.Module, mesh: DeviceMesh) -> Callable[..., torch.Tensor]:
         raise NotImplementedError
 
+    def fits_mesh(self, module: nn.Module, mesh: DeviceMesh) -> bool:
+        return True
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not self.fits(module):
+        if not (self.fits(module) and self.fits_mesh(module, device_mesh)):
             return super()._apply(module, device_mesh)
         distribute_module(module, device_mesh, self._partition_fn())
         module.forward = self._forward(module, device_mesh)
@@ -122,7 +126,18 @@ def _replicate_or_shard(layouts: tuple[Placement, ...]) -> bool:
     return len(layouts) == 1 and isinstance(layouts[0], (Replicate, Shard))
 
 
-class _LocalLinear(_LocalCompute):
+class _LocalLayer(_LocalCompute):
+    """A local style made from torch's column- or row-wise style, with its layouts."""
+
+    @classmethod
+    def from_style(cls, style: ColwiseParallel | RowwiseParallel) -> ParallelStyle:
+        local = cls(input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
+                    use_local_output=style.use_local_output)
+        local.src_data_rank = style.src_data_rank
+        return local
+
+
+class _LocalLinear(_LocalLayer):
     def fits(self, module: nn.Module | None) -> bool:
         # a Linear subclass keeps its own forward; the activation's layout change is one the
         # local collectives make (the column-wise input and the row-wise output)
@@ -131,13 +146,6 @@ class _LocalLinear(_LocalCompute):
 
     def _partition_fn(self) -> Callable[[str, nn.Module, DeviceMesh], None]:
         return self._partition_linear_fn
-
-    @classmethod
-    def from_style(cls, style: ColwiseParallel | RowwiseParallel) -> ParallelStyle:
-        local = cls(input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
-                    use_local_output=style.use_local_output)
-        local.src_data_rank = style.src_data_rank
-        return local
 
 
 class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
@@ -202,6 +210,52 @@ class LocalRowwiseLinear(_LocalLinear, RowwiseParallel):
                 return y.to_local() if use_local else y
             if module.bias is not None:
                 y = y + local_view(module.bias, bias_grad)
+            return y if use_local else DTensor.from_local(y, mesh, output_layouts, run_check=False)
+
+        return forward
+
+
+class LocalRowwiseEmbedding(_LocalLayer, RowwiseParallel):
+    """``RowwiseParallel`` for ``nn.Embedding`` with a vocabulary that splits evenly: weight
+    Shard(0), so each rank holds a block of rows. The ids (replicated) outside this rank's block
+    look up row 0 and their vectors are zeroed, which makes a partial sum (DTensor's
+    ``MaskPartial``), all-reduced (Replicate output) or reduce-scattered (sequence shards) into
+    ``output_layouts``; their gradient to row 0 is zero."""
+
+    def fits(self, module: nn.Module | None) -> bool:
+        return (
+            type(module) is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq
+            and not module.sparse and self.input_layouts == _REPLICATE and _replicate_or_shard(self.output_layouts)
+        )
+
+    def fits_mesh(self, module: nn.Module, mesh: DeviceMesh) -> bool:
+        return module.num_embeddings % mesh.size() == 0
+
+    def _partition_fn(self) -> Callable[[str, nn.Module, DeviceMesh], None]:
+        return self._partition_embedding_fn
+
+    def _forward(self, module: nn.Embedding, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
+        output_layouts, use_local = self.output_layouts, self.use_local_output
+        group, ranks = mesh.get_group(), mesh.size()
+        rows = module.num_embeddings // ranks
+        first = mesh.get_local_rank() * rows
+        padding = module.padding_idx
+        # the padding row's index in this rank's block, if the block holds it
+        local_padding = padding - first if padding is not None and first <= padding < first + rows else None
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            if isinstance(ids, DTensor):
+                ids = (ids if ids.placements == _REPLICATE else ids.redistribute(mesh, _REPLICATE)).to_local()
+            outside = (ids < first) | (ids >= first + rows)
+            y = F.embedding((ids - first).masked_fill(outside, 0), local_view(module.weight), local_padding)
+            y = y.masked_fill(outside.unsqueeze(-1), 0.0)  # this rank's partial sum
+            if output_layouts == _REPLICATE:
+                y = reduce_partial(y, group)
+            elif y.shape[_shard_dim(output_layouts)] % ranks == 0:
+                y = reduce_scatter_partial(y, _shard_dim(output_layouts), group)
+            else:  # uneven shards: DTensor's padded reduce-scatter
+                y = DTensor.from_local(y, mesh, _PARTIAL, run_check=False).redistribute(mesh, output_layouts)
+                return y.to_local() if use_local else y
             return y if use_local else DTensor.from_local(y, mesh, output_layouts, run_check=False)
 
         return forward
@@ -272,9 +326,10 @@ class LocalPrepareModuleInput(PrepareModuleInput):
         return super()._prepare_input_arg(input, mesh, input_layout, desired_layout)
 
 
-_LOCAL_STYLES: dict[type, Any] = {
-    ColwiseParallel: LocalColwiseLinear,
-    RowwiseParallel: LocalRowwiseLinear,
-    SequenceParallel: LocalSequenceParallel,
-    PrepareModuleInput: LocalPrepareModuleInput,
+# torch's style → the local styles that may replace it, the first that fits the module
+_LOCAL_STYLES: dict[type, tuple[Any, ...]] = {
+    ColwiseParallel: (LocalColwiseLinear,),
+    RowwiseParallel: (LocalRowwiseLinear, LocalRowwiseEmbedding),
+    SequenceParallel: (LocalSequenceParallel,),
+    PrepareModuleInput: (LocalPrepareModuleInput,),
 }
