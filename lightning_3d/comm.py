@@ -62,6 +62,7 @@ from lightning_3d.parallel.data_parallel import (
     REDUCE_EVERY_MICROBATCH_STAGES,
     group_blocks,
     resolved_reshard_after_forward,
+    resolved_unit_min_bytes,
 )
 from lightning_3d.parallel.pipeline_parallel import (
     V_SHAPED,
@@ -396,7 +397,7 @@ def expected_step_volume(config: Config, dims: ParallelDims, pp_rank: int = 0) -
         "tp": _tensor_parallel(model, parallel.sequence_parallel, dims.tp, one),
         "sp_norm_grads": _sequence_parallel_norm_grads(model, parallel.sequence_parallel, dims.tp, one),
         "data_parallel": _data_parallel(
-            model, dims, one, reshard, parallel.zero_stage, int(config.perf.dp_unit_min_mb * 2**20)
+            model, dims, one, reshard, parallel.zero_stage, resolved_unit_min_bytes(config.perf.dp_unit_min_mb, dims)
         ),
         "pp": _pipeline(model, dims.pp, one, stage_ids, num_stages),
         "cp": _context_parallel(model, parallel.cp_backend, dims.cp, one),

@@ -124,8 +124,9 @@ class PerfConfig:
     tp_local_linears: bool = True
     fsdp_prefetch: int = 1  # FSDP2 all-gathers this many blocks ahead (forward and backward); 1: FSDP2's own
     # consecutive blocks share one FSDP2 / replicate unit until it holds at least this many MiB of
-    # parameters (fewer, larger collectives, like DDP's bucket_cap_mb); 0: one unit per block
-    dp_unit_min_mb: float = 0.0
+    # parameters (fewer, larger collectives, like DDP's bucket_cap_mb); 0: one unit per block;
+    # None: 25 (DDP's bucket_cap_mb) where replicas are kept whole (dp_shard × cp = 1), else 0
+    dp_unit_min_mb: Optional[float] = None
     cpu_offload: bool = False  # FSDP2 keeps parameters, gradients and optimizer states in CPU memory
     float8: bool = False  # float8 matmuls in the blocks' linear layers through torchao (CUDA, sm89+)
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None: from the known-GPU table

@@ -25,14 +25,16 @@ TP = ["parallel.dp_shard=1", "parallel.tp=2"]
 CASES = {
     "tp2": DEBUG + STEPS + TP + ["parallel.sequence_parallel=false"],
     "tp2_sp": DEBUG + STEPS + TP + ["parallel.sequence_parallel=true"],
+    "tp2_dtensor": DEBUG + STEPS + TP + ["parallel.sequence_parallel=false", "perf.tp_local_linears=false"],
     "fsdp2": DEBUG + STEPS + ["parallel.dp_shard=2"],
     "fsdp2_no_reshard": DEBUG + STEPS + ["parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
     "ddp2": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
     "pp2_1f1b": DEBUG + STEPS + pp(2, "1f1b") + ["parallel.dp_shard=1"],
     "cp2_ring": DEBUG + STEPS + ["parallel.cp=2", "parallel.dp_shard=1"],
-    # data-parallel units of two blocks (a block holds 0.157 MiB), and of all four blocks
+    # data-parallel units of two blocks (a block holds 0.157 MiB), and DDP-style units of one block
+    # (unset, DDP-style layouts group blocks into units of 25 MiB: here all four, with the root)
     "fsdp2_units_of_2_blocks": DEBUG + STEPS + ["parallel.dp_shard=2", "perf.dp_unit_min_mb=0.2"],
-    "ddp2_one_unit": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "perf.dp_unit_min_mb=1"],
+    "ddp2_unit_per_block": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "perf.dp_unit_min_mb=0"],
     # 4 micro-batches of 1 sequence per rank and optimizer step
     "fsdp2_accumulate4": DEBUG + STEPS + ["parallel.dp_shard=2", ACCUMULATE4],
     "ddp2_accumulate4": DEBUG + STEPS + ["parallel.dp_replicate=2", "parallel.dp_shard=1", ACCUMULATE4],
@@ -107,17 +109,19 @@ def test_tensor_parallel_by_hand(runs):
 
 
 def test_each_collective_counted_once(runs):
-    # DTensor's functional all-reduce (the embedding's output) runs c10d.allreduce_ underneath:
-    # seen once, as the functional op. The local tensor-parallel layers' eager collectives (the
-    # blocks' all-reduces, the head's logits all-gather) are c10d ops of their own; the totals
-    # of test_tensor_parallel_by_hand show each counted once.
-    ops = runs["tp2"][0]["ops"]
-    assert ops == [
-        "_c10d_functional.all_reduce all_reduce 65536",
+    # The local tensor-parallel layers run eager c10d collectives (the embedding's and the blocks'
+    # all-reduces, the head's logits all-gather). DTensor's path runs functional collectives,
+    # which run c10d.allreduce_ underneath: seen once, as the functional op. Both paths count
+    # the same calls and bytes per mesh dim.
+    assert runs["tp2"][0]["ops"] == [
         "c10d._allgather_base_ all_gather 524288",
         f"c10d.allreduce_ all_reduce {STEP_HEALTH}",
         "c10d.allreduce_ all_reduce 65536",
     ]  # sorted as strings
+    dtensor_ops = runs["tp2_dtensor"][0]["ops"]
+    assert "_c10d_functional.all_reduce all_reduce 65536" in dtensor_ops
+    assert "c10d.allreduce_ all_reduce 65536" not in dtensor_ops
+    assert last_step(runs, "tp2_dtensor") == last_step(runs, "tp2")
 
 
 def test_one_op_of_each_kind(runs):
@@ -158,8 +162,8 @@ def test_fsdp_by_hand(runs):
         "dp_shard/reduce_scatter": {"count": 5, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
         "dp_shard/all_reduce": {"count": 1, "bytes": STEP_HEALTH, "wire_bytes": STEP_HEALTH},
     }
-    # DDP-style: one all-reduce per unit
-    assert last_step(runs, "ddp2")["dp_replicate/all_reduce"]["count"] == 5 + 1
+    # DDP-style with a unit per block: one all-reduce per unit
+    assert last_step(runs, "ddp2_unit_per_block")["dp_replicate/all_reduce"]["count"] == 5 + 1
 
 
 def test_grouped_units_move_the_same_bytes_in_fewer_collectives(runs):
@@ -170,11 +174,12 @@ def test_grouped_units_move_the_same_bytes_in_fewer_collectives(runs):
         "dp_shard/reduce_scatter": {"count": 3, "bytes": PARAMS, "wire_bytes": PARAMS / 2},
         "dp_shard/all_reduce": {"count": 1, "bytes": STEP_HEALTH, "wire_bytes": STEP_HEALTH},
     }
-    # DDP-style: the four blocks (0.63 MiB) are less than 1 MiB, so they join the root: one unit
-    assert last_step(runs, "ddp2_one_unit")["dp_replicate/all_reduce"] == {
+    # DDP-style, perf.dp_unit_min_mb unset: units of 25 MiB (DDP's buckets); the four blocks
+    # (0.63 MiB) hold less, so they join the root: one unit
+    assert last_step(runs, "ddp2")["dp_replicate/all_reduce"] == {
         "count": 1 + 1, "bytes": PARAMS + STEP_HEALTH, "wire_bytes": PARAMS + STEP_HEALTH,
     }
-    assert parallelism_wire(runs, "ddp2_one_unit") == parallelism_wire(runs, "ddp2")
+    assert parallelism_wire(runs, "ddp2") == parallelism_wire(runs, "ddp2_unit_per_block")
 
 
 def test_fsdp_to_ddp_wire_ratio(runs):
@@ -238,7 +243,7 @@ def test_accumulated_micro_batches_reduce_gradients_once_per_step(runs):
     assert runs["fsdp2_accumulate4"][0]["expected_by_source"]["data_parallel"] == fsdp
     assert data_parallel_step(runs, "fsdp2_accumulate4")["dp_shard/reduce_scatter"] == data_parallel_step(runs, "fsdp2")["dp_shard/reduce_scatter"]
     assert data_parallel_step(runs, "ddp2_accumulate4") == data_parallel_step(runs, "ddp2") == {
-        "dp_replicate/all_reduce": {"count": 5, "bytes": PARAMS, "wire_bytes": PARAMS},
+        "dp_replicate/all_reduce": {"count": 1, "bytes": PARAMS, "wire_bytes": PARAMS},
     }
     # only the step's last micro-batch reduces gradients
     micro_batches = runs["fsdp2_accumulate4"][0]["microbatches"][-4:]

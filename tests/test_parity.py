@@ -90,9 +90,10 @@ FOUR_RANKS = {
     "cp2_tp2": DEBUG + ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"],
     "dp_shard2_tp2_ac_full": DEBUG + ["parallel.dp_shard=2", "parallel.tp=2", "perf.activation_checkpoint=full"],
     "dp_shard4_prefetch2": DEBUG + ["parallel.dp_shard=4", "perf.fsdp_prefetch=2"],
-    # two blocks per FSDP2 unit (a debug block holds 0.157 MiB), and one replicate unit for all four
+    # two blocks per FSDP2 unit (a debug block holds 0.157 MiB); replicate units of one block each
+    # (DDP-style layouts group blocks into 25 MiB units unless told otherwise)
     "hsdp2x2_units_of_2_blocks_prefetch2": DEBUG + ["parallel.dp_replicate=2", "parallel.dp_shard=2", "perf.dp_unit_min_mb=0.2", "perf.fsdp_prefetch=2"],
-    "ddp2_tp2_one_unit": DEBUG + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.tp=2", "perf.dp_unit_min_mb=1"],
+    "ddp2_tp2_unit_per_block": DEBUG + ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.tp=2", "perf.dp_unit_min_mb=0"],
     "1f1b_dp_shard2_pp2_ac_op": DEBUG + pp(2, "1f1b") + ["parallel.dp_shard=2", "perf.activation_checkpoint=op"],
 }
 EIGHT_RANKS = {

@@ -26,6 +26,7 @@ from lightning_3d.parallel.data_parallel import (
     apply_data_parallel,
     mixed_precision_policy,
     resolved_reshard_after_forward,
+    resolved_unit_min_bytes,
 )
 from lightning_3d.parallel.materialize import InitFn, has_meta_parameters, materialize
 from lightning_3d.parallel.model_call import use_ring_attention
@@ -111,7 +112,7 @@ def parallelize(
             apply_compile(part, plan, perf.compile_backend)
         apply_data_parallel(
             part, plan, meshes, dims, mixed_precision_policy(precision), reshard, perf.fsdp_prefetch, perf.cpu_offload,
-            unit_min_bytes=int(perf.dp_unit_min_mb * 2**20),
+            unit_min_bytes=resolved_unit_min_bytes(perf.dp_unit_min_mb, dims),
         )
         if on_meta:
             materialize(part, plan.root, device, init_fn, seed, aliases)

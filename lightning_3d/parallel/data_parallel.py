@@ -1,7 +1,8 @@
 """Data parallel with FSDP2: FSDP (dp_shard), HSDP (dp_replicate × dp_shard), DDP-style.
 
-One FSDP unit per transformer block, then the plan's extra units (embedding, head), then
-the root. The sharding mesh is ``fsdp`` = dp_shard × cp (CP ranks hold the same weights);
+One FSDP unit per transformer block (or per group of consecutive blocks holding at least
+``perf.dp_unit_min_mb``; see :func:`resolved_unit_min_bytes`), then the plan's extra units
+(embedding, head), then the root. The sharding mesh is ``fsdp`` = dp_shard × cp (CP ranks hold the same weights);
 with dp_replicate > 1 it becomes the 2-D HSDP mesh (dp_replicate, fsdp). With
 dp_shard × cp = 1 the replicas are kept whole and gradients are all-reduced (DDP-style),
 through FSDP2's ``replicate``.
@@ -47,9 +48,26 @@ _PARAM_DTYPE = {"32-true": None, "bf16-mixed": torch.bfloat16, "bf16-true": None
 SUPPORTED_PRECISIONS = tuple(_PARAM_DTYPE)
 
 
-def data_parallel_problems(dims: ParallelDims, prefetch: int, cpu_offload: bool, unit_min_mb: float = 0.0) -> list[str]:
+# DDP's default bucket_cap_mb: the unit size where replicas are kept whole (see resolved_unit_min_bytes)
+REPLICA_UNIT_MIN_MB = 25.0
+
+
+def resolved_unit_min_bytes(unit_min_mb: Optional[float], dims: ParallelDims) -> int:
+    """The smallest data-parallel unit in bytes of parameters (``perf.dp_unit_min_mb``).
+
+    Unset: 0 (one unit per block, torchtitan's) where parameters are sharded, since a unit's
+    parameters are gathered whole; :data:`REPLICA_UNIT_MIN_MB` where replicas are kept whole
+    (dp_shard × cp = 1, DDP-style), since nothing is gathered there and a unit per small block
+    only adds hooks and collectives (DDP's buckets of 25 MB).
+    """
+    if unit_min_mb is None:
+        unit_min_mb = REPLICA_UNIT_MIN_MB if dims.fsdp == 1 else 0.0
+    return int(unit_min_mb * 2**20)
+
+
+def data_parallel_problems(dims: ParallelDims, prefetch: int, cpu_offload: bool, unit_min_mb: Optional[float] = None) -> list[str]:
     problems = []
-    if unit_min_mb < 0:
+    if unit_min_mb is not None and unit_min_mb < 0:
         problems.append(f"perf.dp_unit_min_mb={unit_min_mb} must be >= 0 (0: one data-parallel unit per block)")
     if prefetch < 1:
         problems.append(f"perf.fsdp_prefetch={prefetch} must be >= 1 (blocks all-gathered ahead; 1 is FSDP2's default)")
