@@ -43,6 +43,7 @@ from lightning_3d.parallel.tp_local import (
     reduce_partial,
     reduce_scatter_partial,
     replicated_dtensor,
+    shared_partial_view,
 )
 from lightning_3d.plans.base import ParallelPlan
 
@@ -153,7 +154,8 @@ class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
     is made whole (a replicated plain tensor as it is, sequence shards all-gathered) and its
     gradient, a partial sum on each rank, reduced (all-reduce / reduce-scatter); a DTensor input
     leaves that reduction to the DTensor's maker (``LocalPrepareModuleInput``, DTensor's
-    ``from_local``), once for all the layers that read it."""
+    ``from_local``), once for all the layers that read it, which share one local view of it
+    (:func:`~lightning_3d.parallel.tp_local.shared_partial_view`)."""
 
     def _forward(self, module: nn.Linear, mesh: DeviceMesh) -> Callable[[torch.Tensor], torch.Tensor]:
         input_layouts, output_layouts, use_local = self.input_layouts, self.output_layouts, self.use_local_output
@@ -163,7 +165,7 @@ class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if isinstance(x, DTensor):
-                x = local_view(x if x.placements == _REPLICATE else x.redistribute(mesh, _REPLICATE), _PARTIAL)
+                x = shared_partial_view(x if x.placements == _REPLICATE else x.redistribute(mesh, _REPLICATE))
             elif input_layouts == _REPLICATE:
                 x = enter_replicated(x, group)
             else:  # sequence shards

@@ -8,6 +8,8 @@ sharding checks in each, tens of µs per call on CPU, several times per layer an
 
 - :func:`local_view`: a DTensor parameter's local shard; its gradient goes back as a DTensor
   with the parameter's spec (or partial-sum placements), wrapped without checks.
+  :func:`shared_partial_view`: one such view of a replicated DTensor input for all the layers
+  that read it.
 - :func:`enter_replicated`: identity forward; backward all-reduces the gradient, a partial sum
   on each rank (a replicated input to column-wise layers).
 - :func:`reduce_partial`: all-reduce forward (a row-wise layer's partial sums → replicated);
@@ -61,6 +63,24 @@ def local_view(tensor: DTensor, grad_placements: Sequence[Placement] | None = No
     if grad_placements is not None and tuple(grad_placements) != spec.placements:
         spec = DTensorSpec(spec.mesh, tuple(grad_placements), tensor_meta=spec.tensor_meta)
     return _LocalView.apply(tensor, spec)
+
+
+_SHARED_VIEW = "_local_partial_view"  # the attribute of a replicated DTensor that holds its shared view
+
+
+def shared_partial_view(tensor: DTensor) -> Tensor:
+    """``local_view(tensor, (Partial(),))`` made once per replicated DTensor and shared by every
+    column-wise layer that reads it (q, k and v; gate and up): their gradients add up as plain
+    tensors, and the sum goes back as one partial-sum DTensor, instead of one DTensor per layer
+    added up by DTensor's dispatch. Kept only while autograd records (a view made without it
+    carries no gradient)."""
+    if not torch.is_grad_enabled():
+        return local_view(tensor, (Partial(),))
+    view = getattr(tensor, _SHARED_VIEW, None)
+    if view is None:
+        view = local_view(tensor, (Partial(),))
+        setattr(tensor, _SHARED_VIEW, view)
+    return view
 
 
 def _all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
