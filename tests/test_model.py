@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_3d.config import ModelConfig
-from lightning_3d.models.llama import Transformer, apply_rotary, rotary_cos_sin
+from lightning_3d.models.llama import Transformer, apply_rotary, rotary_cis
 from lightning_3d.module import warmup_cosine
 
 SMALL = dict(n_layers=2, dim=32, n_heads=4, vocab_size=64, ffn_dim=48, max_seq_len=32)
@@ -116,8 +116,8 @@ def test_attention_matches_a_hand_written_reference() -> None:
     q = (x @ attention.wq.weight.T).view(batch, seq, 4, head_dim)
     k = (x @ attention.wk.weight.T).view(batch, seq, 2, head_dim)
     v = (x @ attention.wv.weight.T).view(batch, seq, 2, head_dim)
-    cos, sin = rotary_cos_sin(positions, head_dim, model.config.rope_theta)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    cis = rotary_cis(positions, head_dim, model.config.rope_theta)
+    q, k = apply_rotary(q, cis), apply_rotary(k, cis)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
@@ -138,8 +138,7 @@ def test_attention_matches_a_hand_written_reference() -> None:
 def test_rotary_rotates_pairs_and_keeps_norms() -> None:
     head_dim = 8
     x = torch.randn(1, 5, 2, head_dim, generator=torch.Generator().manual_seed(0))
-    cos, sin = rotary_cos_sin(torch.arange(5)[None], head_dim, 10000.0)
-    rotated = apply_rotary(x, cos, sin)
+    rotated = apply_rotary(x, rotary_cis(torch.arange(5)[None], head_dim, 10000.0))
     torch.testing.assert_close(rotated[:, 0], x[:, 0])  # position 0: angle 0
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
     # the first pair of position p turns by p radians (inv_freq[0] = 1)

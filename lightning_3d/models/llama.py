@@ -36,19 +36,19 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (batch or 1, seq, 1, head_dim/2) for the given token positions."""
+def rotary_cis(positions: Tensor, head_dim: int, theta: float) -> Tensor:
+    """e^(i·angle) (complex64) of shape (batch or 1, seq, 1, head_dim/2) for the given token positions."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x0, x1) of the last dim by the position angle."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rotary(x: Tensor, cis: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x0, x1) of the last dim by the position angle: each pair as the
+    complex number x0 + i·x1 times e^(i·angle), one multiplication (a handful of ops fewer, forward
+    and backward, than rotating real halves)."""
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * cis).flatten(-2).type_as(x)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -85,8 +85,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cis = rotary_cis(positions, self.head_dim, self.rope_theta)
+        q, k = apply_rotary(q, cis), apply_rotary(k, cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         out = self.core_attention(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
