@@ -458,7 +458,7 @@ def _unit_sizes(model: ModelConfig, one: _Pass, unit_min_bytes: int = 0) -> list
     table = model.vocab_size * model.dim
     root = block * (one.blocks - sum(len(group) for group in groups))  # blocks of a group too small
     if model.tie_embeddings:
-        root = table + model.dim
+        root += table + model.dim
     else:
         for present, elements, resharded in ((one.has_embedding, table, True), (one.has_head, table + model.dim, False)):
             if present and ((elements >= block and elements * _FP32 >= unit_min_bytes) or not one.blocks):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from math import prod
 
+from lightning_3d.parallel.data_parallel import REPLICA_UNIT_MIN_MB, group_blocks
 from lightning_3d.parallel.pipeline_parallel import V_SHAPED, split_blocks, stages_of_rank
 from lightning_3d.planner.layouts import Layout
 from lightning_3d.planner.schedule import in_flight, peak_split
@@ -57,6 +58,9 @@ class Precision:
     @property
     def mixed(self) -> bool:
         return self.compute < self.param
+
+
+_FP32_BYTES = 4  # units are grouped by their parameters' fp32 bytes (as lightning_3d.comm counts them)
 
 
 @dataclass(frozen=True)
@@ -133,32 +137,44 @@ def _tp_local(shape: tuple[int, ...], split: str, tp: int) -> tuple[int, ...]:
 
 
 def stage_units(shape: ModelShape, layout: Layout, stage: int, blocks: tuple[int, ...]) -> list[Unit]:
-    return list(_stage_units(shape, layout.tp, layout.reshard_after_forward, stage == 0, stage == layout.num_stages - 1, blocks))
+    # perf.dp_unit_min_mb unset (the strategy's default): DDP-style layouts group blocks into units
+    # of REPLICA_UNIT_MIN_MB, sharded ones have a unit per block (without data parallel: no units)
+    unit_min_bytes = int(REPLICA_UNIT_MIN_MB * 2**20) if layout.fsdp == 1 and layout.dp_replicate > 1 else 0
+    return list(_stage_units(shape, layout.tp, layout.reshard_after_forward, stage == 0, stage == layout.num_stages - 1, blocks,
+                             unit_min_bytes))
 
 
 @lru_cache(maxsize=None)
-def _stage_units(shape: ModelShape, tp: int, reshard: bool, first: bool, last: bool, blocks: tuple[int, ...]) -> tuple[Unit, ...]:
+def _stage_units(
+    shape: ModelShape, tp: int, reshard: bool, first: bool, last: bool, blocks: tuple[int, ...], unit_min_bytes: int = 0
+) -> tuple[Unit, ...]:
     """The FSDP2 units of one stage, in forward order (lightning_3d.parallel.data_parallel): the
-    blocks (all but the last resharded after forward), then the embedding and the final norm +
-    head as units of their own when each is at least as large as a block (the head is not
-    resharded), and the stage's root unit with the rest (never resharded): a tied embedding, or
-    an embedding or head smaller than a block."""
+    blocks, grouped into units of at least ``unit_min_bytes`` of fp32 parameters (one per block at
+    0; all but the last resharded after forward), then the embedding and the final norm + head as
+    units of their own when each is at least as large as a block and as that minimum (the head is
+    not resharded), and the stage's root unit with the rest (never resharded): a tied embedding,
+    an embedding or head smaller than a block, the blocks of a last group below the minimum."""
     block = tuple(_tp_local(full, split, tp) for _, full, split in shape.block_parameters())
-    units = [Unit("block", block, reshard and index < len(blocks) - 1) for index in range(len(blocks))]
+    groups = group_blocks([shape.block_size * _FP32_BYTES] * len(blocks), unit_min_bytes)
+    units = [Unit("block", block * len(group), reshard and index < len(groups) - 1) for index, group in enumerate(groups)]
     table = _tp_local((shape.vocab_size, shape.dim), shape.table_split(), tp)
     table_size = shape.vocab_size * shape.dim
-    root: tuple[tuple[int, ...], ...] = ()
+    root: tuple[tuple[int, ...], ...] = block * (len(blocks) - sum(len(group) for group in groups))
+
+    def own_unit(elements: int) -> bool:
+        return not blocks or (elements >= shape.block_size and elements * _FP32_BYTES >= unit_min_bytes)
+
     if shape.tie_embeddings:
         if first or last:
             root += (table,)
         if last:
             root += ((shape.dim,),)
     else:
-        if first and (not blocks or table_size >= shape.block_size):
+        if first and own_unit(table_size):
             units.append(Unit("embedding", (table,), reshard, table=True))
         elif first:
             root += (table,)
-        if last and (not blocks or table_size + shape.dim >= shape.block_size):
+        if last and own_unit(table_size + shape.dim):
             units.append(Unit("head", ((shape.dim,), table), False))
         elif last:
             root += ((shape.dim,), table)
