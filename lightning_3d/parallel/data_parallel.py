@@ -2,8 +2,8 @@
 
 One FSDP unit per transformer block (or per group of consecutive blocks holding at least
 ``perf.dp_unit_min_mb``; see :func:`resolved_unit_min_bytes`), then the plan's extra units
-(embedding, head), then the root. The sharding mesh is ``fsdp`` = dp_shard × cp (CP ranks hold the same weights);
-with dp_replicate > 1 it becomes the 2-D HSDP mesh (dp_replicate, fsdp). With
+(embedding, head), then the root. The sharding mesh is ``fsdp`` = dp_shard × cp (CP ranks
+hold the same weights); with dp_replicate > 1 it becomes the 2-D HSDP mesh (dp_replicate, fsdp). With
 dp_shard × cp = 1 the replicas are kept whole and gradients are all-reduced (DDP-style),
 through FSDP2's ``replicate``.
 
