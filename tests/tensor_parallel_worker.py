@@ -38,14 +38,20 @@ LAYOUTS = {"replicate": Replicate(), "sequence": Shard(1), "last": Shard(-1)}
 
 
 class MLP(nn.Module):
-    def __init__(self, bias: bool, norm: bool) -> None:
+    def __init__(self, bias: bool, norm: bool, gated: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(8) if norm else nn.Identity()
         self.up = nn.Linear(8, 12, bias=bias)
+        # a second column-wise layer reading the same input (as gate and up, or q, k and v)
+        self.gate = nn.Linear(8, 12, bias=bias) if gated else None
         self.down = nn.Linear(12, 8, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.tanh(self.up(self.norm(x))))
+        h = self.norm(x)
+        hidden = torch.tanh(self.up(h))
+        if self.gate is not None:
+            hidden = hidden * torch.sigmoid(self.gate(h))
+        return self.down(hidden)
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -61,19 +67,23 @@ def _saved(tensor: torch.Tensor) -> torch.Tensor:
 def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)
-    model = MLP(case["bias"], case["norm"])
+    model = MLP(case["bias"], case["norm"], case.get("gated", False))
     residual = LAYOUTS[case["residual"]]
     colwise, rowwise, sequence = (
         (LocalColwiseLinear, LocalRowwiseLinear, LocalSequenceParallel) if local else (ColwiseParallel, RowwiseParallel, SequenceParallel)
     )
     plan = {"up": colwise(output_layouts=LAYOUTS[case["up_out"]], use_local_output=case["up_local"]),
             "down": rowwise(input_layouts=LAYOUTS[case["down_in"]], output_layouts=residual, use_local_output=case["down_local"])}
+    if case.get("gated"):
+        plan["gate"] = colwise(output_layouts=LAYOUTS[case["up_out"]], use_local_output=case["up_local"])
     if case["norm"]:  # the norm on this rank's tokens, as the Llama plan's SequenceParallel norms
         plan["norm"] = sequence(use_local_output=case["norm_local"])
     if case["prepare"]:  # the block's input made whole once, as the Llama plan's PrepareModuleInput does
         plan[""] = (LocalPrepareModuleInput if local else PrepareModuleInput)(input_layouts=(residual,), desired_input_layouts=(Replicate(),))
     else:
-        plan["up"].input_layouts = (residual,)
+        for name in ("up", "gate"):
+            if name in plan:
+                plan[name].input_layouts = (residual,)
     parallelize_module(model, mesh, plan)
     whole = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1))
     x = (whole.chunk(2, dim=1)[dist.get_rank()] if case["residual"] == "sequence" else whole).clone().requires_grad_(True)

@@ -3,7 +3,8 @@
 Two gloo ranks on a tp=2 mesh; every case is one forward and backward of a small MLP under
 ``ColwiseParallel`` / ``RowwiseParallel`` and under ``LocalColwiseLinear`` / ``LocalRowwiseLinear``
 with the same layouts, and a LayerNorm under ``SequenceParallel`` / ``LocalSequenceParallel``:
-outputs, input gradients and parameter gradients must agree. An ``nn.Embedding`` under
+outputs, input gradients and parameter gradients must agree, also where two column-wise layers
+read one prepared input (their shared local view). An ``nn.Embedding`` under
 ``RowwiseParallel`` and ``LocalRowwiseEmbedding``: the same outputs and weight gradients. ``ShardLocalAdamW`` takes three
 steps beside torch's AdamW on the same DTensor and plain parameters: the same parameters and
 states. Whole
@@ -37,6 +38,10 @@ CASES = {
     "dtensor_output": {**BASE, "down_local": False},
     "colwise_gathers_output": {**BASE, "up_out": "replicate", "down_in": "replicate"},
     "colwise_dtensor_output": {**BASE, "up_local": False},
+    # two column-wise layers read the prepared input: their local views are one, whose gradient
+    # is the sum of both layers' (as q, k, v and gate, up in a Llama block)
+    "two_readers_of_one_input": {**BASE, "gated": True},
+    "two_readers_sequence_parallel": {**BASE, "gated": True, "residual": "sequence"},
 }
 EMBEDDING = {"embedding": True, "vocab": 10, "padding_idx": None, "out": "replicate", "local_output": True}
 EMBEDDING_CASES = {
