@@ -58,6 +58,8 @@ def run_rank(rank: int, world_size: int, port: int, worker: Path, args: list[str
         runpy.run_path(str(worker), run_name="__main__")
         code = 0
     except SystemExit as exit_:
+        if exit_.code is not None and not isinstance(exit_.code, int):
+            print(exit_.code, file=sys.stderr)  # what the interpreter prints for sys.exit("message")
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except BaseException:  # noqa: BLE001 - a rank's failure is reported, never swallowed
         traceback.print_exc()
