@@ -397,7 +397,7 @@ def expected_step_volume(config: Config, dims: ParallelDims, pp_rank: int = 0) -
         "tp": _tensor_parallel(model, parallel.sequence_parallel, dims.tp, one),
         "sp_norm_grads": _sequence_parallel_norm_grads(model, parallel.sequence_parallel, dims.tp, one),
         "data_parallel": _data_parallel(
-            model, dims, one, reshard, parallel.zero_stage, resolved_unit_min_bytes(config.perf.dp_unit_min_mb, dims)
+            model, dims, one, reshard, parallel.zero_stage, resolved_unit_min_bytes(config.perf.dp_unit_min_mb, dims.fsdp, dims.dp_replicate)
         ),
         "pp": _pipeline(model, dims.pp, one, stage_ids, num_stages),
         "cp": _context_parallel(model, parallel.cp_backend, dims.cp, one),

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_parity import FORK_LAUNCH, _free_port
+from fork_launch import free_port
+from test_parity import FORK_LAUNCH
 
 HERE = Path(__file__).parent
 NONFINITE_WORKER = HERE / "nonfinite_worker.py"
@@ -102,7 +103,7 @@ def test_too_many_skips_in_a_row_stop(nonfinite) -> None:
 
 def _launch_ranks(world_size: int, args: list[str], run_dir: Path) -> list[tuple[subprocess.Popen, Path]]:
     """One process per rank with its own environment, as SLURM or a multi-node script starts them."""
-    port = _free_port()
+    port = free_port()
     ranks = []
     for rank in range(world_size):
         env = {

@@ -10,13 +10,13 @@ import functools
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fork_launch import free_port
 from omegaconf import OmegaConf
 
 from lightning_3d.bench.measure import compose_config
@@ -112,19 +112,13 @@ WEIGHT_ATOL = 1e-5
 AMPLIFIED_FRACTION = 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(nproc: int, cases: dict[str, list[str]], out_dir: Path, nnodes: int = 1, worker: Path = WORKER) -> None:
     """Launch ``nproc`` ranks on each of ``nnodes`` nodes of this machine and wait for all of them.
 
     One node: the ranks are forked from one process that imported the stack once
     (tests/fork_launch.py). Several nodes: one torchrun agent per node, with a rendezvous.
     """
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash prints its Python stack
     agents = []
     for node_rank in range(nnodes):

@@ -112,7 +112,7 @@ def parallelize(
             apply_compile(part, plan, perf.compile_backend)
         apply_data_parallel(
             part, plan, meshes, dims, mixed_precision_policy(precision), reshard, perf.fsdp_prefetch, perf.cpu_offload,
-            unit_min_bytes=resolved_unit_min_bytes(perf.dp_unit_min_mb, dims),
+            unit_min_bytes=resolved_unit_min_bytes(perf.dp_unit_min_mb, dims.fsdp, dims.dp_replicate),
         )
         if on_meta:
             materialize(part, plan.root, device, init_fn, seed, aliases)

@@ -52,16 +52,18 @@ SUPPORTED_PRECISIONS = tuple(_PARAM_DTYPE)
 REPLICA_UNIT_MIN_MB = 25.0
 
 
-def resolved_unit_min_bytes(unit_min_mb: Optional[float], dims: ParallelDims) -> int:
-    """The smallest data-parallel unit in bytes of parameters (``perf.dp_unit_min_mb``).
+def resolved_unit_min_bytes(unit_min_mb: Optional[float], fsdp: int, dp_replicate: int) -> int:
+    """The smallest data-parallel unit in bytes of parameters (``perf.dp_unit_min_mb``) for a
+    layout with ``fsdp`` = dp_shard × cp sharding ranks and ``dp_replicate`` replicas.
 
     Unset: 0 (one unit per block, torchtitan's) where parameters are sharded, since a unit's
     parameters are gathered whole; :data:`REPLICA_UNIT_MIN_MB` where replicas are kept whole
-    (dp_shard × cp = 1, DDP-style), since nothing is gathered there and a unit per small block
-    only adds hooks and collectives (DDP's buckets of 25 MB).
+    (fsdp = 1, dp_replicate > 1: DDP-style), since nothing is gathered there and a unit per
+    small block only adds hooks and collectives (DDP's buckets of 25 MB). Without data parallel
+    there are no units.
     """
     if unit_min_mb is None:
-        unit_min_mb = REPLICA_UNIT_MIN_MB if dims.fsdp == 1 else 0.0
+        unit_min_mb = REPLICA_UNIT_MIN_MB if fsdp == 1 and dp_replicate > 1 else 0.0
     return int(unit_min_mb * 2**20)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from math import prod
 
-from lightning_3d.parallel.data_parallel import REPLICA_UNIT_MIN_MB, group_blocks
+from lightning_3d.parallel.data_parallel import group_blocks, resolved_unit_min_bytes
 from lightning_3d.parallel.pipeline_parallel import V_SHAPED, split_blocks, stages_of_rank
 from lightning_3d.planner.layouts import Layout
 from lightning_3d.planner.schedule import in_flight, peak_split
@@ -137,9 +137,8 @@ def _tp_local(shape: tuple[int, ...], split: str, tp: int) -> tuple[int, ...]:
 
 
 def stage_units(shape: ModelShape, layout: Layout, stage: int, blocks: tuple[int, ...]) -> list[Unit]:
-    # perf.dp_unit_min_mb unset (the strategy's default): DDP-style layouts group blocks into units
-    # of REPLICA_UNIT_MIN_MB, sharded ones have a unit per block (without data parallel: no units)
-    unit_min_bytes = int(REPLICA_UNIT_MIN_MB * 2**20) if layout.fsdp == 1 and layout.dp_replicate > 1 else 0
+    # the strategy's default (perf.dp_unit_min_mb unset)
+    unit_min_bytes = resolved_unit_min_bytes(None, layout.fsdp, layout.dp_replicate)
     return list(_stage_units(shape, layout.tp, layout.reshard_after_forward, stage == 0, stage == layout.num_stages - 1, blocks,
                              unit_min_bytes))
 
