@@ -60,9 +60,6 @@ class Precision:
         return self.compute < self.param
 
 
-_FP32_BYTES = 4  # units are grouped by their parameters' fp32 bytes (as lightning_3d.comm counts them)
-
-
 @dataclass(frozen=True)
 class Unit:
     """One FSDP2 unit of a stage: its parameters' tensor-parallel-local shapes."""
@@ -154,14 +151,14 @@ def _stage_units(
     not resharded), and the stage's root unit with the rest (never resharded): a tied embedding,
     an embedding or head smaller than a block, the blocks of a last group below the minimum."""
     block = tuple(_tp_local(full, split, tp) for _, full, split in shape.block_parameters())
-    groups = group_blocks([shape.block_size * _FP32_BYTES] * len(blocks), unit_min_bytes)
+    groups = group_blocks([shape.block_size * _FP32] * len(blocks), unit_min_bytes)
     units = [Unit("block", block * len(group), reshard and index < len(groups) - 1) for index, group in enumerate(groups)]
     table = _tp_local((shape.vocab_size, shape.dim), shape.table_split(), tp)
     table_size = shape.vocab_size * shape.dim
     root: tuple[tuple[int, ...], ...] = block * (len(blocks) - sum(len(group) for group in groups))
 
     def own_unit(elements: int) -> bool:
-        return not blocks or (elements >= shape.block_size and elements * _FP32_BYTES >= unit_min_bytes)
+        return not blocks or (elements >= shape.block_size and elements * _FP32 >= unit_min_bytes)
 
     if shape.tie_embeddings:
         if first or last:
