@@ -62,8 +62,9 @@ def step_health(
     if world_size > 1:
         dist.all_reduce(values)
     reduced = values.cpu()
-    bad_loss = [r for r in range(world_size) if reduced[flags + r] > 0]
-    bad_grads = [r for r in range(world_size) if reduced[flags + world_size + r] > 0]
+    read = reduced[flags:].tolist()  # one read of every flag, not one tensor index each
+    bad_loss = [r for r in range(world_size) if read[r] > 0]
+    bad_grads = [r for r in range(world_size) if read[world_size + r] > 0]
     sums = reduced[1 : 1 + extra] if step_sums is not None else None
     return values[0].sqrt().float(), bad_loss, bad_grads, sums
 

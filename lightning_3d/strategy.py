@@ -51,6 +51,7 @@ from lightning_3d.runtime import (
     Parallelized,
     PipelinedModel,
     StepGuard,
+    clip_reads_gradients_first,
     layout_of,
     parallelized,
     wire_model_call,
@@ -386,7 +387,8 @@ class ModelParallel4DStrategy(ParallelStrategy):
         module = self.lightning_module
         trainer = module.trainer
         step = trainer.global_step
-        skip = self._guard.should_skip(self.precision_plugin.main_params(optimizer), loss, step, trainer.accumulate_grad_batches)
+        fold = clip_reads_gradients_first(trainer, module)
+        skip = self._guard.should_skip(self.precision_plugin.main_params(optimizer), loss, step, trainer.accumulate_grad_batches, fold)
         if self._guard.step_loss is not None:  # a deferred token loss: its global mean is known now
             module.record_loss("train", *self._guard.step_loss)
         if skip:
@@ -394,6 +396,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
             result = None
         else:
             result = super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
+            self._guard.check_normalized()
         self._faults.step_done(step + 1)
         return result
 

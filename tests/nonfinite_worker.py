@@ -1,10 +1,13 @@
 """Non-finite steps injected on one rank, several cases in one process group; launched by torchrun.
 
 usage: torchrun ... tests/nonfinite_worker.py OUT_DIR CASES_JSON
-CASES_JSON: {"case": {"overrides": [...], "inject": {"rank": R, "steps": [k, ...], "what": "loss" | "grad"}}}
+CASES_JSON: {"case": {"overrides": [...], "inject": {"rank": R, "steps": [k, ...], "what": "loss" | "grad"},
+"observe": true}}
 Rank R makes its loss (or one gradient shard) NaN at those steps. Rank 0 writes OUT_DIR/<case>.json:
 the error raised (or null), the logged losses, global_step, the guard's skip counts, and
-whether the weights at the end equal the weights before the first injected step.
+whether the weights at the end equal the weights before the first injected step. With
+``observe``, a callback's ``on_before_optimizer_step`` also records the global norm of the
+gradients it sees, next to the norm the strategy agreed on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from parity_worker import compose_case, logged_train_losses
 from torch.distributed.tensor import DTensor
 
 from lightning_3d.module import CausalLM
+from lightning_3d.parallel.grad_clip import local_grad_square_sum
 from lightning_3d.nonfinite import NonFiniteError
 from lightning_3d.train import build, resume_path
 
@@ -45,6 +49,20 @@ class Injection(L.Callback):
             _local(grad).view(-1)[0] = float("nan")
 
 
+class GradientObserver(L.Callback):
+    """Reads the gradients where Lightning lets a callback see them: before clipping and the update."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []  # the global norm of the gradients this hook saw, per step
+        self.agreed: list[float] = []  # the strategy's norm for the same step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        square_sum = local_grad_square_sum(list(pl_module.parameters()), trainer.world_size, torch.device("cpu"))
+        dist.all_reduce(square_sum)
+        self.seen.append(square_sum.sqrt().item())
+        self.agreed.append(float(trainer.strategy.last_grad_norm))
+
+
 class NaNLossLM(CausalLM):
     """The reference module, whose loss is NaN on one rank at the injected steps."""
 
@@ -60,7 +78,8 @@ def run_case(name: str, spec: dict, out_dir: Path) -> None:
     config = compose_case(out_dir / name, spec["overrides"])
     inject = spec.get("inject")
     injection = Injection(inject["rank"], inject["steps"], inject["what"]) if inject else None
-    trainer, _, datamodule = build(config, callbacks=[injection] if injection else None)
+    observer = GradientObserver() if spec.get("observe") else None
+    trainer, _, datamodule = build(config, callbacks=[c for c in (injection, observer) if c is not None])
     model = NaNLossLM(config.model, config.optim)
     model.injection = injection or Injection(-1, [-1], "none")
     error = None
@@ -82,6 +101,8 @@ def run_case(name: str, spec: dict, out_dir: Path) -> None:
             "global_step": trainer.global_step,
             "skipped_total": trainer.strategy.nonfinite.skipped_total,
         }
+        if observer is not None:
+            result |= {"seen_norms": observer.seen, "agreed_norms": observer.agreed}
         (out_dir / f"{name}.json").write_text(json.dumps(result))
     dist.barrier()
 

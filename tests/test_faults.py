@@ -36,6 +36,9 @@ def nonfinite(tmp_path_factory) -> dict:
     stopped_ckpt = out_dir / "stopped_checkpoints"
     cases = {
         "reference": {"overrides": DEBUG_4},
+        # a callback reads the gradients before clipping: they are normalized before it runs (with
+        # no reader, the normalization waits for clipping, one pass over the gradients for both)
+        "observed": {"overrides": DEBUG_4, "observe": True},
         # NaN loss on rank 1 at step 3: every rank stops before the update, step-2 stays the latest checkpoint
         "stop": {"overrides": DEBUG_4 + _checkpointing(stopped_ckpt), "inject": {"rank": 1, "steps": [3], "what": "loss"}},
         # the rerun with resume=auto continues from step-2 and matches the reference
@@ -60,6 +63,16 @@ def nonfinite(tmp_path_factory) -> dict:
     results = {name: json.loads((out_dir / f"{name}.json").read_text()) for name in cases}
     results["checkpoints"] = sorted(p.name for p in stopped_ckpt.iterdir())
     return results
+
+
+def test_a_callback_sees_normalized_gradients_and_the_losses_stay_the_same(nonfinite) -> None:
+    observed, reference = nonfinite["observed"], nonfinite["reference"]
+    assert len(observed["seen_norms"]) == 6
+    # the hook saw the gradients of the token-mean loss, whose norm the step's check agreed on
+    # (unnormalized token sums would be about 8 sequences × 32 tokens times larger)
+    assert observed["seen_norms"] == pytest.approx(observed["agreed_norms"], rel=1e-5)
+    # normalizing before the hook or together with clipping gives the same training
+    assert observed["losses"] == pytest.approx(reference["losses"], rel=LOSS_RTOL)
 
 
 def test_nonfinite_loss_stops_every_rank_before_the_update(nonfinite) -> None:

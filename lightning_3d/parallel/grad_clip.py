@@ -36,6 +36,14 @@ def local_grads(parameters: Iterable[Tensor]) -> list[Tensor]:
 
 
 @torch.no_grad()
+def scale_grads(parameters: Iterable[Tensor], factor: float | Tensor) -> None:
+    """Multiply every gradient in place by ``factor``, in one fused kernel."""
+    grads = local_grads(parameters)
+    if grads:
+        torch._foreach_mul_(grads, factor)
+
+
+@torch.no_grad()
 def reduce_partial_grads(parameters: Iterable[Tensor]) -> int:
     """Sum gradients that are still pending sums (``Partial`` DTensors) over their mesh; return how many.
 
@@ -81,17 +89,24 @@ def global_grad_norm(parameters: Iterable[Tensor], ranks_per_stage: int, device:
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[Tensor], max_norm: float, ranks_per_stage: int, device: torch.device, norm: Optional[Tensor] = None
+    parameters: Iterable[Tensor],
+    max_norm: float,
+    ranks_per_stage: int,
+    device: torch.device,
+    norm: Optional[Tensor] = None,
+    prescale: Optional[float] = None,
 ) -> Tensor:
     """Scale gradients in place so the global norm is at most ``max_norm``; return the norm.
 
     ``norm``: the global norm if already computed for these gradients (saves an all-reduce).
+    ``prescale``: a factor the gradients still have to be multiplied by; ``norm`` must then be
+    the norm after it (both go into the same multiplication).
     """
     parameters = list(parameters)
     if norm is None:
+        if prescale is not None:
+            raise ValueError("clip_grad_norm_: prescale needs the norm after it")
         norm = global_grad_norm(parameters, ranks_per_stage, device)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    grads = local_grads(parameters)
-    if grads:
-        torch._foreach_mul_(grads, scale)
+    scale_grads(parameters, scale if prescale is None else scale * prescale)
     return norm

@@ -12,7 +12,7 @@ from lightning_3d.runtime.checkpointer import Checkpointer, layout_of
 from lightning_3d.runtime.faults import FaultMonitor
 from lightning_3d.runtime.parallelized import Parallelized, parallelized, wire_model_call
 from lightning_3d.runtime.pipeline import PipelinedModel, PipelineRunner, tied_stage_group, tied_stage_weights
-from lightning_3d.runtime.step_guard import StepGuard
+from lightning_3d.runtime.step_guard import StepGuard, clip_reads_gradients_first
 from lightning_3d.runtime.sync import Collectives
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "PipelinedModel",
     "Parallelized",
     "StepGuard",
+    "clip_reads_gradients_first",
     "layout_of",
     "parallelized",
     "tied_stage_group",

@@ -8,7 +8,9 @@
 3. A deferred loss was backpropagated as a token sum: the gradients are divided by the
    step's global token count here (as Megatron's per-token loss does), before any hook or
    the optimizer reads them, so no collective runs inside the forward pass.
-4. Clipping reuses that norm instead of computing it again.
+4. Clipping reuses that norm instead of computing it again. When norm clipping is the only
+   reader before the optimizer (``fold_into_clip``), the division waits for it: one pass
+   over the gradients scales them by (1 / tokens) × the clip factor.
 """
 
 from __future__ import annotations
@@ -16,11 +18,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Optional
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from lightning_3d.nonfinite import NonFiniteGuard, step_health
-from lightning_3d.parallel.grad_clip import clip_grad_norm_, local_grads, reduce_partial_grads
+from lightning_3d.parallel.grad_clip import clip_grad_norm_, reduce_partial_grads, scale_grads
+
+
+def clip_reads_gradients_first(trainer: "pl.Trainer", module: "pl.LightningModule") -> bool:
+    """Whether Lightning's norm clipping (through :meth:`StepGuard.clip`) is the first to read the
+    gradients after the step's check: clipping by norm is on and no ``on_before_optimizer_step``
+    (module or callback) or ``configure_gradient_clipping`` of the module runs before it."""
+    if not (module.automatic_optimization and trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "norm"):
+        return False
+    if is_overridden("on_before_optimizer_step", module) or is_overridden("configure_gradient_clipping", module):
+        return False
+    return not any(is_overridden("on_before_optimizer_step", callback, parent=pl.Callback) for callback in trainer.callbacks)
 
 
 class StepGuard:
@@ -32,6 +47,7 @@ class StepGuard:
         self.nonfinite = NonFiniteGuard(on_nonfinite, max_skipped)
         self.last_grad_norm: Optional[Tensor] = None  # the last step's global norm, before clipping
         self._norm_for_clipping: Optional[Tensor] = None
+        self._pending_factor: Optional[float] = None  # the token normalization left for clip()
         self.ranks_per_stage = 1
         self.device = torch.device("cpu")
         self.loss_mesh_size = 1
@@ -52,35 +68,52 @@ class StepGuard:
         if self.counts_loss:
             self._deferred += torch.stack([summed.detach().double(), tokens.detach().double()])
 
-    def should_skip(self, params: Iterable[Tensor], loss: Optional[Tensor], step: int, accumulate: int = 1) -> bool:
+    def should_skip(
+        self, params: Iterable[Tensor], loss: Optional[Tensor], step: int, accumulate: int = 1, fold_into_clip: bool = False
+    ) -> bool:
         """Reduce pending gradients, agree on the loss and gradient norm; raise on "stop",
         True on "skip" (the caller drops the update).
 
         ``accumulate``: the micro-batches of this step whose losses were divided by it (Lightning's
         gradient accumulation); a deferred token sum is then normalized by ``accumulate / tokens``.
+        ``fold_into_clip``: the caller guarantees :meth:`clip` runs before anything else reads the
+        gradients, so that normalization is applied there, in the same pass as clipping.
         """
         params = list(params)
         reduce_partial_grads(params)
         deferred, self._deferred = self._deferred, None
         norm, bad_loss, bad_grads, sums = step_health(params, loss, self.ranks_per_stage, self.device, deferred)
         self.step_loss = None
+        self._pending_factor = None
         if sums is not None:
             loss_sum, tokens = sums.tolist()
             factor = accumulate / max(tokens, 1.0)
-            grads = local_grads(params)
-            if grads:
-                torch._foreach_mul_(grads, factor)
+            if fold_into_clip:
+                self._pending_factor = factor
+            else:
+                scale_grads(params, factor)
             norm = norm * factor
             self.step_loss = (torch.tensor(loss_sum / max(tokens, 1.0), device=self.device), torch.tensor(tokens, device=self.device))
         self.last_grad_norm = norm
         skip = self.nonfinite.should_skip(step, bad_loss, bad_grads)
         self._norm_for_clipping = None if skip else norm
+        if skip:
+            self._pending_factor = None  # the caller zeroes the gradients
         return skip
 
     def clip(self, params: Iterable[Tensor], max_norm: float) -> None:
-        """Clip to ``max_norm`` by the global norm (the one agreed on in :meth:`should_skip`, if any)."""
+        """Clip to ``max_norm`` by the global norm (the one agreed on in :meth:`should_skip`, if any),
+        applying a normalization :meth:`should_skip` left for it in the same pass."""
         norm, self._norm_for_clipping = self._norm_for_clipping, None
-        clip_grad_norm_(params, max_norm, self.ranks_per_stage, self.device, norm=norm)
+        factor, self._pending_factor = self._pending_factor, None
+        clip_grad_norm_(params, max_norm, self.ranks_per_stage, self.device, norm=norm, prescale=factor)
+
+    def check_normalized(self) -> None:
+        """Raise if a normalization left for :meth:`clip` was never applied (the optimizer then
+        stepped on token-sum gradients)."""
+        if self._pending_factor is not None:
+            self._pending_factor = None
+            raise RuntimeError("the step's token normalization was left for gradient clipping, but clipping did not run")
 
     def state_dict(self) -> dict[str, Any]:
         return self.nonfinite.state_dict()
