@@ -23,8 +23,8 @@ from parity_worker import compose_case, logged_train_losses
 from torch.distributed.tensor import DTensor
 
 from lightning_3d.module import CausalLM
-from lightning_3d.parallel.grad_clip import local_grad_square_sum
 from lightning_3d.nonfinite import NonFiniteError
+from lightning_3d.parallel.grad_clip import local_grad_square_sum
 from lightning_3d.train import build, resume_path
 
 

@@ -1,8 +1,10 @@
 """Units of the failure handling: the heartbeat diagnosis on a real TCP store, the non-finite
-guard and its per-rank flags, the NCCL settings, and the recipe-key check."""
+guard and its per-rank flags, the NCCL settings, and the recipe-key check; when the step's
+gradient normalization may wait for clipping."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,6 +12,7 @@ import torch.distributed as dist
 from lightning_3d import train
 from lightning_3d.health import Heartbeat, is_communication_failure, nccl_debug_env, summary
 from lightning_3d.nonfinite import NonFiniteError, NonFiniteGuard, step_health
+from lightning_3d.runtime import clip_reads_gradients_first
 
 
 @pytest.fixture
@@ -129,3 +132,29 @@ def test_recipe_with_an_unknown_key_is_named_with_the_valid_ones(tmp_path, monke
         "microbatches, stages_per_rank, pp_layers, pp_embedding_weight, pp_head_weight, cp_backend, init_timeout_s, timeout_s"
     ]
     assert train.recipe_key_problems(["recipe=missing"]) == []  # Hydra lists the available recipes
+
+
+class _Reader(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        pass
+
+
+class _ClipsItself(L.LightningModule):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "trainer_args, module, folds",
+    [
+        ({"gradient_clip_val": 1.0}, L.LightningModule(), True),  # Lightning's default algorithm is "norm"
+        ({"gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"}, L.LightningModule(), True),
+        ({}, L.LightningModule(), False),  # no clipping: nothing to fold into
+        ({"gradient_clip_val": 1.0, "gradient_clip_algorithm": "value"}, L.LightningModule(), False),
+        ({"gradient_clip_val": 1.0, "callbacks": [_Reader()]}, L.LightningModule(), False),  # a hook reads first
+        ({"gradient_clip_val": 1.0}, _ClipsItself(), False),
+    ],
+)
+def test_normalization_waits_for_clipping_only_when_clipping_reads_first(trainer_args, module, folds) -> None:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, **trainer_args)
+    assert clip_reads_gradients_first(trainer, module) is folds

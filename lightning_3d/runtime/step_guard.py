@@ -31,7 +31,8 @@ def clip_reads_gradients_first(trainer: "pl.Trainer", module: "pl.LightningModul
     """Whether Lightning's norm clipping (through :meth:`StepGuard.clip`) is the first to read the
     gradients after the step's check: clipping by norm is on and no ``on_before_optimizer_step``
     (module or callback) or ``configure_gradient_clipping`` of the module runs before it."""
-    if not (module.automatic_optimization and trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "norm"):
+    # Lightning clips by norm when no algorithm is named
+    if not (module.automatic_optimization and trainer.gradient_clip_val and trainer.gradient_clip_algorithm in (None, "norm")):
         return False
     if is_overridden("on_before_optimizer_step", module) or is_overridden("configure_gradient_clipping", module):
         return False
