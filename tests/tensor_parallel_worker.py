@@ -38,9 +38,10 @@ LAYOUTS = {"replicate": Replicate(), "sequence": Shard(1), "last": Shard(-1)}
 
 
 class MLP(nn.Module):
-    def __init__(self, bias: bool, norm: bool, gated: bool = False) -> None:
+    def __init__(self, bias: bool, norm: bool, gated: bool = False, skip: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(8) if norm else nn.Identity()
+        self.skip = skip  # the normed input also added to the output: a reader outside the layers
         self.up = nn.Linear(8, 12, bias=bias)
         # a second column-wise layer reading the same input (as gate and up, or q, k and v)
         self.gate = nn.Linear(8, 12, bias=bias) if gated else None
@@ -51,7 +52,7 @@ class MLP(nn.Module):
         hidden = torch.tanh(self.up(h))
         if self.gate is not None:
             hidden = hidden * torch.sigmoid(self.gate(h))
-        return self.down(hidden)
+        return self.down(hidden) + h if self.skip else self.down(hidden)
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def _saved(tensor: torch.Tensor) -> torch.Tensor:
 def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)
-    model = MLP(case["bias"], case["norm"], case.get("gated", False))
+    model = MLP(case["bias"], case["norm"] or case.get("plain_norm", False), case.get("gated", False), case.get("skip", False))
     residual = LAYOUTS[case["residual"]]
     colwise, rowwise, sequence = (
         (LocalColwiseLinear, LocalRowwiseLinear, LocalSequenceParallel) if local else (ColwiseParallel, RowwiseParallel, SequenceParallel)
@@ -89,8 +90,15 @@ def _run(local: bool, case: dict[str, Any]) -> dict[str, torch.Tensor]:
     x = (whole.chunk(2, dim=1)[dist.get_rank()] if case["residual"] == "sequence" else whole).clone().requires_grad_(True)
     y = model(x)
     out = _whole(y)  # this rank's output (a DTensor gathered, differentiably)
-    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    all_reduce, calls = dist.all_reduce, []
+    dist.all_reduce = lambda *args, **kwargs: calls.append(1) or all_reduce(*args, **kwargs)  # the local path's c10d calls
+    try:
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    finally:
+        dist.all_reduce = all_reduce
     result = {"y": _saved(out), "x_grad": _saved(x.grad), "y_is_dtensor": torch.tensor(isinstance(y, DTensor))}
+    if local:
+        result["backward_all_reduces"] = torch.tensor(len(calls))
     result.update({f"grad.{name}": _saved(param.grad) for name, param in model.named_parameters()})
     result["local_forward"] = torch.tensor(["forward" in vars(module) for module in (model.up, model.down, model.norm)])
     return result

@@ -42,7 +42,13 @@ CASES = {
     # is the sum of both layers' (as q, k, v and gate, up in a Llama block)
     "two_readers_of_one_input": {**BASE, "gated": True},
     "two_readers_sequence_parallel": {**BASE, "gated": True, "residual": "sequence"},
+    # no PrepareModuleInput (the Llama plan's without sequence parallel, under local layers): the
+    # two column-wise layers read one plain activation (a LayerNorm's output, also added to the
+    # output) and reduce their summed input gradient once
+    "two_readers_of_a_plain_activation": {**BASE, "gated": True, "prepare": False, "plain_norm": True, "skip": True},
 }
+# all-reduces in the local path's backward: a case's column-wise input reduction, once however many layers read it
+BACKWARD_ALL_REDUCES = {"replicated_residual": 1, "two_readers_of_one_input": 1, "two_readers_of_a_plain_activation": 1}
 EMBEDDING = {"embedding": True, "vocab": 10, "padding_idx": None, "out": "replicate", "local_output": True}
 EMBEDDING_CASES = {
     "embedding_replicated_output": EMBEDDING,
@@ -71,7 +77,9 @@ def test_local_linears_match_dtensor_styles(case, results):
     assert local["local_forward"].tolist() == [True, True, result["case"]["norm"]]
     assert not dtensor["local_forward"].any()
     assert bool(local["y_is_dtensor"]) == bool(dtensor["y_is_dtensor"])
-    assert set(local) == set(dtensor)
+    assert set(local) - {"backward_all_reduces"} == set(dtensor)
+    if case in BACKWARD_ALL_REDUCES:
+        assert int(local["backward_all_reduces"]) == BACKWARD_ALL_REDUCES[case]
     for key in set(dtensor) - {"local_forward"}:
         torch.testing.assert_close(local[key], dtensor[key], rtol=1e-6, atol=1e-6, msg=f"{case}: {key}")
 

@@ -12,7 +12,10 @@ placements DTensor gives them. Results and gradients are DTensor's; the matmuls,
 transposes, views and layout changes skip DTensor's per-op sharding propagation and checks,
 forward and backward. A ``PrepareModuleInput`` that makes a plain input whole becomes
 :class:`LocalPrepareModuleInput`: one autograd node for the DTensor it hands on, whose backward
-reduces the summed gradient of all the layers that read it once.
+reduces the summed gradient of all the layers that read it once. One that keeps a replicated
+input as it is (no sequence parallel) is left out: its module gets the plain input, and the
+column-wise layers reading it share one reduction of their summed gradient
+(:func:`~lightning_3d.parallel.tp_local.shared_enter_replicated`).
 """
 
 from __future__ import annotations
@@ -36,13 +39,13 @@ from typing_extensions import override
 
 from lightning_3d.parallel.tied import retie, tied_parameter_names
 from lightning_3d.parallel.tp_local import (
-    enter_replicated,
     gather_replicated,
     gather_shards,
     local_view,
     reduce_partial,
     reduce_scatter_partial,
     replicated_dtensor,
+    shared_enter_replicated,
     shared_partial_view,
 )
 from lightning_3d.plans.base import ParallelPlan
@@ -85,6 +88,8 @@ def _styles(owner: nn.Module, styles: dict[str, ParallelStyle], local_linears: b
         return styles
     swapped: dict[str, ParallelStyle] = {}
     for name, style in styles.items():
+        if type(style) is PrepareModuleInput and _keeps_replicated(style):
+            continue  # the column-wise layers reading its input share one reduction without it
         try:
             target = owner.get_submodule(name)
         except AttributeError:  # a wildcard name: parallelize_module resolves it, with the style as given
@@ -93,6 +98,15 @@ def _styles(owner: nn.Module, styles: dict[str, ParallelStyle], local_linears: b
         candidates = (local_style.from_style(style) for local_style in _LOCAL_STYLES.get(type(style), ()))
         swapped[name] = next((local for local in candidates if local.fits(target)), style)
     return swapped
+
+
+def _keeps_replicated(style: PrepareModuleInput) -> bool:
+    """Whether a ``PrepareModuleInput`` asks for every input as it comes, replicated: its only
+    effect is to wrap a plain input in a DTensor."""
+    pairs = list(zip(style.input_layouts or (), style.desired_input_layouts or ()))
+    given_kwargs, wanted_kwargs = style.input_kwarg_layouts or {}, style.desired_input_kwarg_layouts or {}
+    pairs += [(given_kwargs.get(key), wanted_kwargs.get(key)) for key in set(given_kwargs) | set(wanted_kwargs)]
+    return all(given == wanted and given in (None, Replicate()) for given, wanted in pairs)
 
 
 class _LocalCompute:
@@ -167,7 +181,7 @@ class LocalColwiseLinear(_LocalLinear, ColwiseParallel):
             if isinstance(x, DTensor):
                 x = shared_partial_view(x if x.placements == _REPLICATE else x.redistribute(mesh, _REPLICATE))
             elif input_layouts == _REPLICATE:
-                x = enter_replicated(x, group)
+                x = shared_enter_replicated(x, group)
             else:  # sequence shards
                 x = gather_shards(x, _shard_dim(input_layouts), group)
             bias = local_view(module.bias) if module.bias is not None else None

@@ -11,7 +11,8 @@ sharding checks in each, tens of µs per call on CPU, several times per layer an
   :func:`shared_partial_view`: one such view of a replicated DTensor input for all the layers
   that read it.
 - :func:`enter_replicated`: identity forward; backward all-reduces the gradient, a partial sum
-  on each rank (a replicated input to column-wise layers).
+  on each rank (a replicated input to column-wise layers). :func:`shared_enter_replicated`:
+  one such node per activation for all the column-wise layers that read it.
 - :func:`reduce_partial`: all-reduce forward (a row-wise layer's partial sums → replicated);
   identity backward.
 - :func:`gather_shards`: all-gather along ``dim`` forward (sequence shards → whole sequence for a
@@ -120,7 +121,7 @@ class _EnterReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
         ctx.group = group
-        return tensor.view_as(tensor)
+        return tensor.detach()  # the same storage; unlike a view it holds no reference to ``tensor``
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -212,6 +213,30 @@ def replicated_dtensor(tensor: Tensor, mesh: DeviceMesh, layout: Placement) -> D
 def enter_replicated(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
     """A replicated input to column-wise layers: the same tensor; its gradient all-reduced."""
     return _EnterReplicated.apply(tensor, group)
+
+
+_SHARED_ENTERED = "_tp_entered"  # an activation's (group, its shared enter_replicated alias)
+
+
+def shared_enter_replicated(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``enter_replicated(tensor, group)`` made once per activation and shared by every column-wise
+    layer that reads it (q, k and v; gate and up): their partial input gradients add up as plain
+    tensors and are all-reduced once. Other readers of ``tensor`` are not affected: their
+    gradients reach it directly, as without tensor parallel.
+
+    Only for activations (tensors made by autograd in this forward pass) while autograd
+    records; a leaf such as a parameter may be read again in a later pass, so it gets a node
+    per layer. The alias shares the activation's storage but holds no reference to it (no
+    cycle), so both go when the graph that saved the activation goes.
+    """
+    if not torch.is_grad_enabled() or tensor.grad_fn is None:
+        return enter_replicated(tensor, group)
+    cached = getattr(tensor, _SHARED_ENTERED, None)
+    if cached is not None and cached[0] is group:
+        return cached[1]
+    entered = enter_replicated(tensor, group)
+    setattr(tensor, _SHARED_ENTERED, (group, entered))
+    return entered
 
 
 def reduce_partial(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
