@@ -16,9 +16,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from conventions_models import TinyRegressor, regression_loader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from conventions_models import TinyRegressor, regression_loader
 from lightning_3d.parallel.materialize import canonical_name
 from lightning_3d.strategy import ModelParallel4DStrategy
 from lightning_3d.train import shutdown_distributed

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_parity import DEBUG, WORKER as PARITY_WORKER, _torchrun, pp
+from test_parity import DEBUG, _torchrun, pp
+from test_parity import WORKER as PARITY_WORKER
 
 from lightning_3d.comm import PARTIAL_GRAD_REDUCTIONS
 
