@@ -51,7 +51,6 @@ from lightning_3d.runtime import (
     Parallelized,
     PipelinedModel,
     StepGuard,
-    clip_reads_gradients_first,
     layout_of,
     parallelized,
     wire_model_call,
@@ -387,7 +386,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         module = self.lightning_module
         trainer = module.trainer
         step = trainer.global_step
-        fold = clip_reads_gradients_first(trainer, module)
+        fold = self._guard.folds_into_clip(trainer, module)
         skip = self._guard.should_skip(self.precision_plugin.main_params(optimizer), loss, step, trainer.accumulate_grad_batches, fold)
         if self._guard.step_loss is not None:  # a deferred token loss: its global mean is known now
             module.record_loss("train", *self._guard.step_loss)

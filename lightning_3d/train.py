@@ -15,7 +15,7 @@ import sys
 import traceback
 import typing
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional, Union
 
 import hydra
 import lightning as L
@@ -23,6 +23,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import Strategy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -235,8 +236,14 @@ def check_resume(config: Config) -> None:
         raise_if_problems(f"resume={path} does not fit model config", fit_problems(path, shapes))
 
 
-def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L.Trainer, L.LightningModule, TextDataModule]:
-    """Everything a run needs, checked up front (:func:`preflight`); shared by the CLI and the tests."""
+def build(
+    config: Config, callbacks: Optional[list[Callback]] = None, strategy: Optional[Union[str, Strategy]] = None
+) -> tuple[L.Trainer, L.LightningModule, TextDataModule]:
+    """Everything a run needs, checked up front (:func:`preflight`); shared by the CLI and the tests.
+
+    ``strategy``: a Lightning strategy to run instead of :class:`ModelParallel4DStrategy` with
+    everything else the same (the benchmarks compare against Lightning's own).
+    """
     preflight(config)
     checkpointing = checkpoint_callback(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -250,7 +257,7 @@ def build(config: Config, callbacks: Optional[list[Callback]] = None) -> tuple[L
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=ModelParallel4DStrategy(
+        strategy=strategy or ModelParallel4DStrategy(
             config.parallel,
             perf=config.perf,
             init_seed=config.seed,

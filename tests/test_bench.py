@@ -191,3 +191,20 @@ def test_gpu_benchmark_config_is_the_1b_recipe_and_passes_preflight_on_a_gpu(tmp
     assert (config.data.source, config.data.seq_len, config.data.global_batch_size) == ("stdlib", 2048, 8)
     dims = preflight(config, Hardware(1, True, "NVIDIA H200", (9, 0)))
     assert dims.world_size == 1
+
+
+def test_build_runs_the_same_job_under_another_lightning_strategy(tmp_path: Path) -> None:
+    # the overhead benchmark's --lightning-strategy: Lightning's own strategy, everything else as ours
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from lightning_3d.bench.measure import bench_overrides, compose_config
+    from lightning_3d.strategy import ModelParallel4DStrategy
+    from lightning_3d.train import build
+
+    config = compose_config(tmp_path / "run", bench_overrides(2) + ["parallel.tp=1", "parallel.pp=1"], devices=1)
+    ours, _, _ = build(config)
+    theirs, model, _ = build(config, strategy="auto")
+    assert isinstance(ours.strategy, ModelParallel4DStrategy)
+    assert isinstance(theirs.strategy, SingleDeviceStrategy)
+    assert [type(c).__name__ for c in theirs.callbacks] == [type(c).__name__ for c in ours.callbacks]
+    assert theirs.gradient_clip_val == ours.gradient_clip_val and type(model).__name__ == "CausalLM"

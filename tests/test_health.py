@@ -12,7 +12,7 @@ import torch.distributed as dist
 from lightning_3d import train
 from lightning_3d.health import Heartbeat, is_communication_failure, nccl_debug_env, summary
 from lightning_3d.nonfinite import NonFiniteError, NonFiniteGuard, step_health
-from lightning_3d.runtime import clip_reads_gradients_first
+from lightning_3d.runtime import StepGuard, clip_reads_gradients_first
 
 
 @pytest.fixture
@@ -158,3 +158,11 @@ class _ClipsItself(L.LightningModule):
 def test_normalization_waits_for_clipping_only_when_clipping_reads_first(trainer_args, module, folds) -> None:
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, **trainer_args)
     assert clip_reads_gradients_first(trainer, module) is folds
+
+
+def test_the_step_guard_asks_again_when_a_callback_joins() -> None:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
+    module, guard = L.LightningModule(), StepGuard()
+    assert guard.folds_into_clip(trainer, module)
+    trainer.callbacks.append(_Reader())  # it reads the gradients before clipping from now on
+    assert not guard.folds_into_clip(trainer, module)

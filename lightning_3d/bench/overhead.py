@@ -1,6 +1,6 @@
 """Our strategy on one process against a hand-written PyTorch loop: what the Lightning + strategy layer costs.
 
-    python -m lightning_3d.bench.overhead [--steps 20] [--rounds 2] [--warmup 3] [--threads 1]
+    python -m lightning_3d.bench.overhead [--steps 20] [--rounds 2] [--warmup 3] [--threads 1] [--lightning-strategy auto]
 
 Both sides run in one process on ``--threads`` torch threads, alternating step by step
 (ours, plain, ours, plain, ...), ``rounds`` times ``steps`` steps:
@@ -14,6 +14,10 @@ Both sides run in one process on ``--threads`` torch threads, alternating step b
 Alternating step by step keeps the comparison fair on a machine whose load changes by the
 second. Prints ``RATIO overhead_vs_plain_torch`` = our steps/s ÷ plain steps/s, the median of
 the per-step ratios after ``warmup`` steps.
+
+``--lightning-strategy auto`` runs the same ``build()`` (module, callbacks, logger, data) under
+Lightning's own strategy for one CPU process instead of ours, and prints
+``RATIO lightning_strategy_vs_plain_torch``: what Lightning's loop costs by itself.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -93,14 +97,14 @@ class Interleave(StepTimer):
         return [period - plain for period, plain in zip(periods, self.plain.times)]
 
 
-def _worker(out: Path, steps: int, rounds: int, warmup: int, threads: int) -> None:
+def _worker(out: Path, steps: int, rounds: int, warmup: int, threads: int, lightning_strategy: Optional[str] = None) -> None:
     from lightning_3d.train import build
 
     result: dict[str, Any] = {"ours": [], "plain": []}
     for index in range(rounds):
         config = compose_config(out.parent / f"ours_{index}", bench_overrides(steps) + ["parallel.tp=1", "parallel.pp=1"])
         interleave = Interleave(PlainTorchLoop(config, steps))
-        trainer, model, datamodule = build(config, callbacks=[interleave])
+        trainer, model, datamodule = build(config, callbacks=[interleave], strategy=lightning_strategy)
         torch.set_num_threads(threads)  # build() gives a single process every core
         trainer.fit(model, datamodule=datamodule)
         ours = interleave.our_times()
@@ -113,13 +117,15 @@ def _worker(out: Path, steps: int, rounds: int, warmup: int, threads: int) -> No
         dist.destroy_process_group()
 
 
-def run(steps: int, rounds: int, warmup: int, threads: int = 1) -> dict[str, Any]:
+def run(steps: int, rounds: int, warmup: int, threads: int = 1, lightning_strategy: Optional[str] = None) -> dict[str, Any]:
     """Launch the worker on one process; add the per-step and median ratios.
 
     One thread by default, as ``OMP_NUM_THREADS=1`` asks of every worker: with two threads on
     a shared 2-core machine a step's time swung tenfold whenever another process took a core.
     """
     options = {"steps": steps, "rounds": rounds, "warmup": warmup, "threads": threads}
+    if lightning_strategy:
+        options["lightning-strategy"] = lightning_strategy
     result = run_workers(MODULE, 1, *(f"--{name}={value}" for name, value in options.items()))
     return add_turn_ratios(result, "plain")
 
@@ -130,14 +136,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lightning-strategy", help="run build() under this Lightning strategy (e.g. auto) instead of ours")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        _worker(args.worker, args.steps, args.rounds, args.warmup, args.threads)
+        _worker(args.worker, args.steps, args.rounds, args.warmup, args.threads, args.lightning_strategy)
         return
-    result = run(args.steps, args.rounds, args.warmup, args.threads)
-    print(f"median step time: ours {result['ours_step_s'] * 1e3:.1f} ms, plain {result['plain_step_s'] * 1e3:.1f} ms")
-    print(f"RATIO overhead_vs_plain_torch {result['ratio']:.3f}")
+    result = run(args.steps, args.rounds, args.warmup, args.threads, args.lightning_strategy)
+    side = f"Lightning's {args.lightning_strategy!r} strategy" if args.lightning_strategy else "ours"
+    print(f"median step time: {side} {result['ours_step_s'] * 1e3:.1f} ms, plain {result['plain_step_s'] * 1e3:.1f} ms")
+    name = "lightning_strategy_vs_plain_torch" if args.lightning_strategy else "overhead_vs_plain_torch"
+    print(f"RATIO {name} {result['ratio']:.3f}")
 
 
 if __name__ == "__main__":

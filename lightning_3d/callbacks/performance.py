@@ -125,7 +125,7 @@ class PerformanceMonitor(ThroughputMonitor):
 
 def _gather_peaks(peak: int, device: torch.device) -> list[int]:
     """Every rank's peak, in rank order."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [peak]
     gathered = torch.empty(dist.get_world_size(), dtype=torch.float64, device=device)
     dist.all_gather_into_tensor(gathered, torch.tensor([float(peak)], dtype=torch.float64, device=device))

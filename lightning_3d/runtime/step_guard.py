@@ -49,6 +49,7 @@ class StepGuard:
         self.last_grad_norm: Optional[Tensor] = None  # the last step's global norm, before clipping
         self._norm_for_clipping: Optional[Tensor] = None
         self._pending_factor: Optional[float] = None  # the token normalization left for clip()
+        self._fold: tuple[Any, bool] = (None, False)  # (what the answer depends on, clip_reads_gradients_first)
         self.ranks_per_stage = 1
         self.device = torch.device("cpu")
         self.loss_mesh_size = 1
@@ -68,6 +69,15 @@ class StepGuard:
             self._deferred = torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.counts_loss:
             self._deferred += torch.stack([summed.detach().double(), tokens.detach().double()])
+
+    def folds_into_clip(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> bool:
+        """:func:`clip_reads_gradients_first`, looked at again only when the module, the callbacks or
+        the clipping settings change (its override checks cost more than the rest of a step's check)."""
+        key = (id(module), module.automatic_optimization, tuple(map(id, trainer.callbacks)),
+               trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        if self._fold[0] != key:
+            self._fold = (key, clip_reads_gradients_first(trainer, module))
+        return self._fold[1]
 
     def should_skip(
         self, params: Iterable[Tensor], loss: Optional[Tensor], step: int, accumulate: int = 1, fold_into_clip: bool = False
