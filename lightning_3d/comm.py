@@ -61,6 +61,7 @@ from lightning_3d.parallel.data_parallel import (
     KEEP_GATHERED_STAGES,
     REDUCE_EVERY_MICROBATCH_STAGES,
     group_blocks,
+    is_own_unit,
     resolved_reshard_after_forward,
     resolved_unit_min_bytes,
 )
@@ -461,7 +462,7 @@ def _unit_sizes(model: ModelConfig, one: _Pass, unit_min_bytes: int = 0) -> list
         root += table + model.dim
     else:
         for present, elements, resharded in ((one.has_embedding, table, True), (one.has_head, table + model.dim, False)):
-            if present and ((elements >= block and elements * _FP32 >= unit_min_bytes) or not one.blocks):
+            if present and is_own_unit(elements, elements * _FP32, block if one.blocks else 0, unit_min_bytes):
                 units.append((elements, resharded))
             elif present:
                 root += elements

@@ -67,6 +67,15 @@ def resolved_unit_min_bytes(unit_min_mb: Optional[float], fsdp: int, dp_replicat
     return int(unit_min_mb * 2**20)
 
 
+def is_own_unit(elements: int, nbytes: int, smallest_block: int, unit_min_bytes: int) -> bool:
+    """Whether a plan's extra unit (embedding, final norm + head) is wrapped on its own: only when
+    it is at least as large as the smallest block (``smallest_block`` elements, 0 without blocks)
+    and as the smallest unit asked for. A unit of its own costs one all-gather and one reduction
+    more per step; otherwise its parameters stay in the root unit, gathered through forward and
+    backward. The strategy applies this rule; the comm accounting and the planner model it."""
+    return elements >= smallest_block and nbytes >= unit_min_bytes
+
+
 def data_parallel_problems(dims: ParallelDims, prefetch: int, cpu_offload: bool, unit_min_mb: Optional[float] = None) -> list[str]:
     problems = []
     if unit_min_mb is not None and unit_min_mb < 0:
@@ -191,13 +200,10 @@ def apply_data_parallel(
         for index, unit in enumerate(plan.fsdp_units)
     ]
     smallest_block = min((_numel(block) for block in blocks), default=0)
-    # A unit of its own costs one all-gather and one reduce-scatter (or all-reduce) more per
-    # step; in the root unit it stays gathered through forward and backward. Worth it only
-    # when it is at least as large as a block (a Llama-3 embedding is; a small vocabulary's is not)
-    # and as the smallest unit asked for.
+    # a Llama-3 embedding is as large as a block; a small vocabulary's is not
     extra_units = [
         (unit, runs_last) for unit, runs_last in extra_units
-        if unit and _numel(*unit) >= smallest_block and _bytes(*unit) >= unit_min_bytes
+        if unit and is_own_unit(_numel(*unit), _bytes(*unit), smallest_block, unit_min_bytes)
     ]
     if dims.fsdp == 1:
         for unit in groups + [unit for unit, _ in extra_units]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from math import prod
 
-from lightning_3d.parallel.data_parallel import group_blocks, resolved_unit_min_bytes
+from lightning_3d.parallel.data_parallel import group_blocks, is_own_unit, resolved_unit_min_bytes
 from lightning_3d.parallel.pipeline_parallel import V_SHAPED, split_blocks, stages_of_rank
 from lightning_3d.planner.layouts import Layout
 from lightning_3d.planner.schedule import in_flight, peak_split
@@ -158,7 +158,7 @@ def _stage_units(
     root: tuple[tuple[int, ...], ...] = block * (len(blocks) - sum(len(group) for group in groups))
 
     def own_unit(elements: int) -> bool:
-        return not blocks or (elements >= shape.block_size and elements * _FP32 >= unit_min_bytes)
+        return is_own_unit(elements, elements * _FP32, shape.block_size if blocks else 0, unit_min_bytes)
 
     if shape.tie_embeddings:
         if first or last:
