@@ -523,7 +523,8 @@ def _context_parallel(model: ModelConfig, backend: str, cp: int, one: _Pass) -> 
 
 def step_health_volume(world_size: int) -> Totals:
     """nonfinite.step_health, the step's only collective outside the parallelisms: the squared grad
-    norm, the deferred token-loss sum and token count, and a loss and a grad flag per rank (fp64)."""
+    norm, the deferred token-loss sum and token count, the stop requests, and a loss and a grad
+    flag per rank (fp64)."""
     table: Totals = {}
-    add_volume(table, WORLD, "all_reduce", 1, (3 + 2 * world_size) * _FP64, world_size)
+    add_volume(table, WORLD, "all_reduce", 1, (4 + 2 * world_size) * _FP64, world_size)
     return table

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # ruff: noqa: F401, I001 — re-exports, grouped by library and purpose rather than sorted
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,29 @@ def skip_lightning_backward(trainer: "pl.Trainer", skip: bool) -> None:
 def is_accumulating(trainer: "pl.Trainer") -> bool:
     """Whether this batch is not the last of an optimizer step (``fit_loop._should_accumulate``)."""
     return trainer.fit_loop._should_accumulate()
+
+
+def take_over_sigterm(trainer: "pl.Trainer", on_signal: Callable[[int, Any], None]) -> Callable[[], None]:
+    """Replace Lightning's SIGTERM agreement for this trainer; return what undoes it.
+
+    ``on_signal`` stands in for ``_SignalConnector._sigterm_notifier_fn`` (bound when the
+    trainer registers its signal handlers, so this runs before that, e.g. in ``Strategy.setup``);
+    the per-batch broadcast of rank 0's flag (``_TrainingEpochLoop._broadcast_sigterm_tensor``,
+    lightning ≥ 2.5.2) becomes a no-op. Both are instance attributes, removed by the undo."""
+    connector, epoch_loop = trainer._signal_connector, trainer.fit_loop.epoch_loop
+    connector._sigterm_notifier_fn = on_signal
+    epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+    def undo() -> None:
+        vars(connector).pop("_sigterm_notifier_fn", None)
+        vars(epoch_loop).pop("_broadcast_sigterm_tensor", None)
+
+    return undo
+
+
+def agree_on_sigterm(trainer: "pl.Trainer") -> None:
+    """Set the flag Lightning's loops check at the end of a batch (``trainer.received_sigterm``)."""
+    trainer._signal_connector.received_sigterm = True
 
 
 def logs_this_step(trainer: "pl.Trainer") -> bool:

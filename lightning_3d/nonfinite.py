@@ -1,8 +1,9 @@
 """Non-finite loss or gradient norm: every rank agrees, then the step stops or is skipped.
 
 One all-reduce per step carries the squared gradient norm (needed for clipping anyway),
-one flag per rank for "my loss is not finite" and "my gradients are not finite", and the
-step's other scalars (the token-loss sum and token count of a deferred token-weighted loss).
+one flag per rank for "my loss is not finite" and "my gradients are not finite", the
+step's other scalars (the token-loss sum and token count of a deferred token-weighted loss)
+and the count of ranks asked to stop (SIGTERM, :mod:`lightning_3d.runtime.stop_signal`).
 Every rank then holds the same verdict, so all of them stop together or all skip the
 update; none can go on into a collective the others left.
 """
@@ -10,7 +11,7 @@ update; none can go on into a collective the others left.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,16 @@ def policy_problems(on_nonfinite: str, max_skipped: int) -> list[str]:
     return problems
 
 
+class StepHealth(NamedTuple):
+    """What every rank agreed on in :func:`step_health`."""
+
+    norm: Tensor  # the global gradient norm
+    bad_loss: list[int]  # ranks whose loss is not finite
+    bad_grads: list[int]  # ranks whose gradients are not finite
+    sums: Optional[Tensor]  # step_sums summed over every rank
+    stop: bool  # some rank was asked to stop (SIGTERM)
+
+
 @torch.no_grad()
 def step_health(
     parameters: Iterable[Tensor],
@@ -43,30 +54,33 @@ def step_health(
     ranks_per_stage: int,
     device: torch.device,
     step_sums: Optional[Tensor] = None,
-) -> tuple[Tensor, list[int], list[int], Optional[Tensor]]:
-    """``(global gradient norm, ranks whose loss is not finite, ranks whose gradients are not finite,
-    step_sums summed over every rank)``: one all-reduce (float64, so token counts stay exact)."""
+    stop_requested: bool = False,
+) -> StepHealth:
+    """One all-reduce (float64, so token counts stay exact) of the squared gradient norm, the
+    step's sums, this rank's stop request and its non-finite flags."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     square_sum = local_grad_square_sum(parameters, ranks_per_stage, device)
     extra = 0 if step_sums is None else step_sums.numel()
+    # [norm², step sums..., stop requests, loss flag per rank..., grad flag per rank...];
     # filled on the device: the only host sync is reading the reduced flags
-    values = torch.zeros(1 + extra + 2 * world_size, dtype=torch.float64, device=device)
+    values = torch.zeros(2 + extra + 2 * world_size, dtype=torch.float64, device=device)
     values[0] = square_sum
     if step_sums is not None:
         values[1 : 1 + extra] = step_sums
     flags = 1 + extra
+    values[flags] = float(stop_requested)
     if loss is not None:
-        values[flags + rank] = (~torch.isfinite(loss.detach())).any().double()
-    values[flags + world_size + rank] = (~torch.isfinite(square_sum)).double()
+        values[flags + 1 + rank] = (~torch.isfinite(loss.detach())).any().double()
+    values[flags + 1 + world_size + rank] = (~torch.isfinite(square_sum)).double()
     if world_size > 1:
         dist.all_reduce(values)
     reduced = values.cpu()
     read = reduced[flags:].tolist()  # one read of every flag, not one tensor index each
-    bad_loss = [r for r in range(world_size) if read[r] > 0]
-    bad_grads = [r for r in range(world_size) if read[world_size + r] > 0]
+    bad_loss = [r for r in range(world_size) if read[1 + r] > 0]
+    bad_grads = [r for r in range(world_size) if read[1 + world_size + r] > 0]
     sums = reduced[1 : 1 + extra] if step_sums is not None else None
-    return values[0].sqrt().float(), bad_loss, bad_grads, sums
+    return StepHealth(values[0].sqrt().float(), bad_loss, bad_grads, sums, read[0] > 0)
 
 
 class NonFiniteGuard:

@@ -51,6 +51,7 @@ from lightning_3d.runtime import (
     Parallelized,
     PipelinedModel,
     StepGuard,
+    StopSignal,
     layout_of,
     parallelized,
     wire_model_call,
@@ -112,6 +113,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
         self._guard = StepGuard(on_nonfinite, max_skipped)
+        self._stop = StopSignal()
         self._faults = FaultMonitor(self.parallel)
         self._state: Optional[Parallelized] = None
         self._dims: Optional[ParallelDims] = None
@@ -255,6 +257,10 @@ class ModelParallel4DStrategy(ParallelStrategy):
         holds_loss = state.pipeline is None or state.pipeline.holds_last_stage
         counts_loss = holds_loss and self.meshes["tp"].get_local_rank() == 0
         self._guard.setup(self.world_size // self.dims.pp, self.root_device, self.meshes["loss"].size(), counts_loss)
+        if trainer.state.fn == TrainerFn.FITTING and self.world_size > 1:
+            self._stop.attach(trainer)  # SIGTERM agreed on in the step check, not broadcast every batch
+        else:
+            self._stop.detach()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -387,7 +393,9 @@ class ModelParallel4DStrategy(ParallelStrategy):
         trainer = module.trainer
         step = trainer.global_step
         fold = self._guard.folds_into_clip(trainer, module)
-        skip = self._guard.should_skip(self.precision_plugin.main_params(optimizer), loss, step, trainer.accumulate_grad_batches, fold)
+        params = self.precision_plugin.main_params(optimizer)
+        skip = self._guard.should_skip(params, loss, step, trainer.accumulate_grad_batches, fold, self._stop.requested)
+        self._stop.agreed(self._guard.stop_agreed)
         if self._guard.step_loss is not None:  # a deferred token loss: its global mean is known now
             module.record_loss("train", *self._guard.step_loss)
         if skip:
@@ -488,6 +496,7 @@ class ModelParallel4DStrategy(ParallelStrategy):
                 # and is never taken for a checkpoint; keep the original error
                 rank_zero_warn(f"the background checkpoint save did not finish: {error}")
         self._faults.stop()
+        self._stop.detach()
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()

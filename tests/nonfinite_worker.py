@@ -2,17 +2,21 @@
 
 usage: torchrun ... tests/nonfinite_worker.py OUT_DIR CASES_JSON
 CASES_JSON: {"case": {"overrides": [...], "inject": {"rank": R, "steps": [k, ...], "what": "loss" | "grad"},
-"observe": true}}
+"observe": true, "sigterm": {"rank": R, "batch": b}}}
 Rank R makes its loss (or one gradient shard) NaN at those steps. Rank 0 writes OUT_DIR/<case>.json:
 the error raised (or null), the logged losses, global_step, the guard's skip counts, and
 whether the weights at the end equal the weights before the first injected step. With
 ``observe``, a callback's ``on_before_optimizer_step`` also records the global norm of the
-gradients it sees, next to the norm the strategy agreed on.
+gradients it sees, next to the norm the strategy agreed on. With ``sigterm``, rank R sends
+itself SIGTERM at the start of training batch b. Every case records each rank's global_step
+and the number of ``torch.distributed.broadcast`` calls made while training ran.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from parity_worker import compose_case, logged_train_losses
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.distributed.tensor import DTensor
 
 from lightning_3d.module import CausalLM
@@ -63,6 +68,44 @@ class GradientObserver(L.Callback):
         self.agreed.append(float(trainer.strategy.last_grad_norm))
 
 
+class Sigterm(L.Callback):
+    """Rank ``rank`` sends itself SIGTERM at the start of training batch ``batch``."""
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class BroadcastCounter(L.Callback):
+    """Counts ``torch.distributed.broadcast`` calls (any caller) from the start to the end of training."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._original = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._original = dist.broadcast
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._original(*args, **kwargs)
+
+        dist.broadcast = counted
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._original is not None:
+            dist.broadcast, self._original = self._original, None
+
+
 class NaNLossLM(CausalLM):
     """The reference module, whose loss is NaN on one rank at the injected steps."""
 
@@ -79,7 +122,10 @@ def run_case(name: str, spec: dict, out_dir: Path) -> None:
     inject = spec.get("inject")
     injection = Injection(inject["rank"], inject["steps"], inject["what"]) if inject else None
     observer = GradientObserver() if spec.get("observe") else None
-    trainer, _, datamodule = build(config, callbacks=[c for c in (injection, observer) if c is not None])
+    sigterm = Sigterm(**spec["sigterm"]) if spec.get("sigterm") else None
+    broadcasts = BroadcastCounter()
+    callbacks = [c for c in (injection, observer, sigterm, broadcasts) if c is not None]
+    trainer, _, datamodule = build(config, callbacks=callbacks)
     model = NaNLossLM(config.model, config.optim)
     model.injection = injection or Injection(-1, [-1], "none")
     error = None
@@ -87,18 +133,22 @@ def run_case(name: str, spec: dict, out_dir: Path) -> None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(config))
     except NonFiniteError as raised:
         error = str(raised)
+    except SIGTERMException:
+        error = "SIGTERMException"
     unchanged = None
     if injection is not None and injection.weights_before:
         now = {n: _local(p).detach() for n, p in model.named_parameters()}
         unchanged = all(torch.equal(now[n], before) for n, before in injection.weights_before.items())
     verdicts = [None] * dist.get_world_size()
-    dist.all_gather_object(verdicts, (error, unchanged))
+    dist.all_gather_object(verdicts, (error, unchanged, trainer.global_step, broadcasts.calls))
     if trainer.global_rank == 0:
         result = {
             "errors": [v[0] for v in verdicts],
             "unchanged": [v[1] for v in verdicts],
             "losses": logged_train_losses(out_dir / name),
             "global_step": trainer.global_step,
+            "global_steps": [v[2] for v in verdicts],
+            "broadcasts": [v[3] for v in verdicts],
             "skipped_total": trainer.strategy.nonfinite.skipped_total,
         }
         if observer is not None:

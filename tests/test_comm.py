@@ -49,9 +49,9 @@ EMBEDDING = 4 * 512 * 64
 HEAD = 4 * (64 + 512 * 64)  # final norm + output
 PARAMS = 4 * BLOCK + EMBEDDING + HEAD  # 919808
 ROOT = EMBEDDING + HEAD  # each smaller than a block: both in the root FSDP unit
-# the step's one extra all-reduce: squared grad norm, token-loss sum, token count, and a loss
-# and a grad flag per rank, fp64 (the training loss needs no collective of its own)
-STEP_HEALTH = 8 * (3 + 2 * 2)
+# the step's one extra all-reduce: squared grad norm, token-loss sum, token count, the stop
+# requests, and a loss and a grad flag per rank, fp64 (the training loss needs no collective of its own)
+STEP_HEALTH = 8 * (4 + 2 * 2)
 
 
 @pytest.fixture(scope="module")

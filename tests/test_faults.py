@@ -48,6 +48,13 @@ def nonfinite(tmp_path_factory) -> dict:
             "overrides": DEBUG_4 + ["training.on_nonfinite=skip"],
             "inject": {"rank": 2, "steps": [3], "what": "grad"},
         },
+        # SIGTERM on rank 1 only, at the start of step 3: every rank stops after that step
+        "sigterm": {"overrides": DEBUG_4, "sigterm": {"rank": 1, "batch": 3}},
+        # with 2 micro-batches per step, a SIGTERM on rank 0 in step 2's first one: every rank stops after step 2
+        "sigterm_accumulating": {
+            "overrides": DEBUG_4 + ["trainer.accumulate_grad_batches=2"],
+            "sigterm": {"rank": 0, "batch": 4},
+        },
         # NaN loss on rank 0 from step 2 on: 1 skip is tolerated, the second in a row stops
         "skip_limit": {
             "overrides": DEBUG_4 + ["training.on_nonfinite=skip", "training.max_skipped=1"],
@@ -73,6 +80,27 @@ def test_a_callback_sees_normalized_gradients_and_the_losses_stay_the_same(nonfi
     assert observed["seen_norms"] == pytest.approx(observed["agreed_norms"], rel=1e-5)
     # normalizing before the hook or together with clipping gives the same training
     assert observed["losses"] == pytest.approx(reference["losses"], rel=LOSS_RTOL)
+
+
+def test_no_broadcast_runs_during_training(nonfinite) -> None:
+    # Lightning's loop broadcasts rank 0's SIGTERM flag before every batch; here the flag rides in
+    # the step check's all-reduce instead
+    assert nonfinite["reference"]["broadcasts"] == [0] * 4
+    assert nonfinite["reference"]["global_steps"] == [6] * 4
+
+
+@pytest.mark.parametrize(
+    "case, stopped_after",
+    [("sigterm", 4), ("sigterm_accumulating", 3)],
+    ids=["on_rank_1", "on_rank_0_mid_accumulation"],
+)
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(nonfinite, case, stopped_after) -> None:
+    stopped = nonfinite[case]
+    assert stopped["errors"] == ["SIGTERMException"] * 4  # every rank stopped; none waits for the others
+    assert stopped["global_steps"] == [stopped_after] * 4  # the step that saw the signal was completed
+    assert stopped["broadcasts"] == [0] * 4
+    if case == "sigterm":  # the steps before the stop are the reference's
+        assert stopped["losses"] == pytest.approx(nonfinite["reference"]["losses"][:stopped_after], rel=LOSS_RTOL)
 
 
 def test_nonfinite_loss_stops_every_rank_before_the_update(nonfinite) -> None:

@@ -94,10 +94,13 @@ def _params_with_grads(*grads: float) -> list[torch.nn.Parameter]:
 
 
 def test_step_health_on_one_process() -> None:
-    norm, bad_loss, bad_grads, _ = step_health(_params_with_grads(1.0, 2.0), torch.tensor(2.5), 1, torch.device("cpu"))
-    assert norm.item() == pytest.approx((3 * 1 + 3 * 4) ** 0.5) and bad_loss == [] and bad_grads == []
-    _, bad_loss, bad_grads, _ = step_health(_params_with_grads(1.0, float("inf")), torch.tensor(float("nan")), 1, torch.device("cpu"))
-    assert bad_loss == [0] and bad_grads == [0]
+    health = step_health(_params_with_grads(1.0, 2.0), torch.tensor(2.5), 1, torch.device("cpu"))
+    assert health.norm.item() == pytest.approx((3 * 1 + 3 * 4) ** 0.5)
+    assert health.bad_loss == [] and health.bad_grads == [] and health.sums is None and not health.stop
+    sums = torch.tensor([7.0, 3.0], dtype=torch.float64)
+    health = step_health(_params_with_grads(1.0, float("inf")), torch.tensor(float("nan")), 1, torch.device("cpu"), sums, True)
+    assert health.bad_loss == [0] and health.bad_grads == [0] and health.stop
+    assert health.sums.tolist() == [7.0, 3.0]
 
 
 def test_guard_stop_skip_and_limit() -> None:

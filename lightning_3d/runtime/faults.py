@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_3d.compat import _init_dist_connection, set_group_timeout
 from lightning_3d.config import ParallelConfig
@@ -123,8 +124,8 @@ class FaultMonitor:
     def on_exception(self, rank: int, exception: BaseException) -> None:
         """Tell the other ranks this one failed and, after a failed collective, name the rank that broke the job."""
         self.failed = True
-        if self._heartbeat is None or isinstance(exception, (NonFiniteError, KeyboardInterrupt)):
-            return  # every rank raised the same error together, or the user stopped the run
+        if self._heartbeat is None or isinstance(exception, (NonFiniteError, SIGTERMException, KeyboardInterrupt)):
+            return  # every rank raised the same error together, or the run was stopped from outside
         self._heartbeat.report_failure(exception)
         if is_communication_failure(exception):
             self.failure_report = self._heartbeat.wait_for_diagnosis()

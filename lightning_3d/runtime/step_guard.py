@@ -3,8 +3,9 @@
 1. Gradients still pending a sum (``Partial`` DTensors under sequence parallel) are
    reduced once, so the norm is exact and AdamW does not reduce them at every read.
 2. One all-reduce over every rank carries the squared gradient norm, each rank's
-   non-finite flags and, for a deferred token-weighted loss, the step's token-loss sum and
-   token count: every rank reaches the same verdict (go on, skip, stop) together.
+   non-finite flags, the ranks asked to stop (SIGTERM) and, for a deferred token-weighted
+   loss, the step's token-loss sum and token count: every rank reaches the same verdict
+   (go on, skip, stop) together.
 3. A deferred loss was backpropagated as a token sum: the gradients are divided by the
    step's global token count here (as Megatron's per-token loss does), before any hook or
    the optimizer reads them, so no collective runs inside the forward pass.
@@ -57,6 +58,7 @@ class StepGuard:
         # (token-loss sum, token count) of this rank's deferred micro-batches in the current step
         self._deferred: Optional[Tensor] = None
         self.step_loss: Optional[tuple[Tensor, Tensor]] = None  # the last step's (global mean loss, tokens)
+        self.stop_agreed = False  # the last check found a rank asked to stop (SIGTERM)
 
     def setup(self, ranks_per_stage: int, device: torch.device, loss_mesh_size: int = 1, counts_loss: bool = True) -> None:
         self.ranks_per_stage, self.device = ranks_per_stage, device
@@ -80,7 +82,13 @@ class StepGuard:
         return self._fold[1]
 
     def should_skip(
-        self, params: Iterable[Tensor], loss: Optional[Tensor], step: int, accumulate: int = 1, fold_into_clip: bool = False
+        self,
+        params: Iterable[Tensor],
+        loss: Optional[Tensor],
+        step: int,
+        accumulate: int = 1,
+        fold_into_clip: bool = False,
+        stop_requested: bool = False,
     ) -> bool:
         """Reduce pending gradients, agree on the loss and gradient norm; raise on "stop",
         True on "skip" (the caller drops the update).
@@ -89,11 +97,14 @@ class StepGuard:
         gradient accumulation); a deferred token sum is then normalized by ``accumulate / tokens``.
         ``fold_into_clip``: the caller guarantees :meth:`clip` runs before anything else reads the
         gradients, so that normalization is applied there, in the same pass as clipping.
+        ``stop_requested``: this rank was asked to stop; :attr:`stop_agreed` says whether any was.
         """
         params = list(params)
         reduce_partial_grads(params)
         deferred, self._deferred = self._deferred, None
-        norm, bad_loss, bad_grads, sums = step_health(params, loss, self.ranks_per_stage, self.device, deferred)
+        norm, bad_loss, bad_grads, sums, self.stop_agreed = step_health(
+            params, loss, self.ranks_per_stage, self.device, deferred, stop_requested
+        )
         self.step_loss = None
         self._pending_factor = None
         if sums is not None:
