@@ -147,6 +147,15 @@ def take_over_sigterm(trainer: "pl.Trainer", on_signal: Callable[[int, Any], Non
     return undo
 
 
+def lightning_sigterm_broadcast(trainer: "pl.Trainer") -> None:
+    """Run Lightning's own per-batch broadcast of rank 0's SIGTERM flag once (the class's
+    ``_TrainingEpochLoop._broadcast_sigterm_tensor``, which :func:`take_over_sigterm` replaces on
+    the instance): ``bench.sigterm`` measures what it costs."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    _TrainingEpochLoop._broadcast_sigterm_tensor(trainer.fit_loop.epoch_loop)
+
+
 def agree_on_sigterm(trainer: "pl.Trainer") -> None:
     """Set the flag Lightning's loops check at the end of a batch (``trainer.received_sigterm``)."""
     trainer._signal_connector.received_sigterm = True

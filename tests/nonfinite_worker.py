@@ -8,7 +8,8 @@ the error raised (or null), the logged losses, global_step, the guard's skip cou
 whether the weights at the end equal the weights before the first injected step. With
 ``observe``, a callback's ``on_before_optimizer_step`` also records the global norm of the
 gradients it sees, next to the norm the strategy agreed on. With ``sigterm``, rank R sends
-itself SIGTERM at the start of training batch b. Every case records each rank's global_step
+itself SIGTERM at the start of training batch b. With ``"odd_broadcasts": true``, the callback
+of ``python -m lightning_3d.bench.sigterm`` runs Lightning's own SIGTERM broadcast on odd batches. Every case records each rank's global_step
 and the number of ``torch.distributed.broadcast`` calls made while training ran.
 """
 
@@ -23,10 +24,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from parity_worker import compose_case, logged_train_losses
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from parity_worker import compose_case, logged_train_losses
 from torch.distributed.tensor import DTensor
 
+from lightning_3d.bench.sigterm import BroadcastOnOddBatches
 from lightning_3d.module import CausalLM
 from lightning_3d.nonfinite import NonFiniteError
 from lightning_3d.parallel.grad_clip import local_grad_square_sum
@@ -124,7 +126,8 @@ def run_case(name: str, spec: dict, out_dir: Path) -> None:
     observer = GradientObserver() if spec.get("observe") else None
     sigterm = Sigterm(**spec["sigterm"]) if spec.get("sigterm") else None
     broadcasts = BroadcastCounter()
-    callbacks = [c for c in (injection, observer, sigterm, broadcasts) if c is not None]
+    odd_broadcasts = BroadcastOnOddBatches() if spec.get("odd_broadcasts") else None
+    callbacks = [c for c in (injection, observer, sigterm, broadcasts, odd_broadcasts) if c is not None]
     trainer, _, datamodule = build(config, callbacks=callbacks)
     model = NaNLossLM(config.model, config.optim)
     model.injection = injection or Injection(-1, [-1], "none")
