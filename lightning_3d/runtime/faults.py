@@ -25,9 +25,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_3d.compat import _init_dist_connection, set_group_timeout
 from lightning_3d.config import ParallelConfig
 from lightning_3d.health import Heartbeat, is_communication_failure, nccl_debug_env
+from lightning_3d.nonfinite import NonFiniteError
 
 NCCL_ERROR_MODE = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
-from lightning_3d.nonfinite import NonFiniteError
 
 
 class FaultMonitor:
