@@ -52,6 +52,11 @@ def nonfinite(tmp_path_factory) -> dict:
         "odd_broadcasts": {"overrides": DEBUG_4, "odd_broadcasts": True},
         # SIGTERM on rank 1 only, at the start of step 3: every rank stops after that step
         "sigterm": {"overrides": DEBUG_4, "sigterm": {"rank": 1, "batch": 3}},
+        # under pipeline parallel (the schedule runs the step), SIGTERM on the last stage's rank 3 at step 2
+        "sigterm_pipeline": {
+            "overrides": ["recipe=debug", "parallel.dp_shard=2", "parallel.pp=2", "trainer.max_steps=6"],
+            "sigterm": {"rank": 3, "batch": 2},
+        },
         # with 2 micro-batches per step, a SIGTERM on rank 0 in step 2's first one: every rank stops after step 2
         "sigterm_accumulating": {
             "overrides": DEBUG_4 + ["trainer.accumulate_grad_batches=2"],
@@ -97,8 +102,8 @@ def test_no_broadcast_runs_during_training(nonfinite) -> None:
 
 @pytest.mark.parametrize(
     "case, stopped_after",
-    [("sigterm", 4), ("sigterm_accumulating", 3)],
-    ids=["on_rank_1", "on_rank_0_mid_accumulation"],
+    [("sigterm", 4), ("sigterm_pipeline", 3), ("sigterm_accumulating", 3)],
+    ids=["on_rank_1", "on_rank_3_under_pipeline_parallel", "on_rank_0_mid_accumulation"],
 )
 def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(nonfinite, case, stopped_after) -> None:
     stopped = nonfinite[case]
