@@ -22,8 +22,9 @@ is kept for one process and outside ``fit`` (validate, test, predict).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Optional
+from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.rank_zero import rank_prefixed_message
@@ -39,7 +40,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.requested = False
         self._trainer: Optional["pl.Trainer"] = None
-        self._undo: Optional[Any] = None
+        self._undo: Optional[Callable[[], None]] = None
 
     def attach(self, trainer: "pl.Trainer") -> None:
         """Take over the trainer's SIGTERM handling (before Lightning registers its signal handlers)."""
@@ -53,10 +54,6 @@ class StopSignal:
         if self._undo is not None:
             self._undo()
         self._undo = self._trainer = None
-
-    @property
-    def attached(self) -> bool:
-        return self._trainer is not None
 
     def agreed(self, stop: bool) -> None:
         """The step check's verdict: when any rank asked to stop, every rank stops after this batch."""
