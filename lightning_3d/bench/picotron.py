@@ -10,7 +10,9 @@ the removed ``batch_encode_plus``, and the step time in ms added to its log line
 
 Every run is 8 CPU processes (gloo, ``OMP_NUM_THREADS=1``), fp32, dp=2 × tp=2 × pp=2 with 1F1B,
 the ``tiny`` model's shape (4 layers, dim 128, 8 heads, 4 kv heads, vocab 512, ffn 384) and
-16 sequences × 128 tokens per optimizer step. Three runs, in this order, ``rounds`` times:
+16 sequences × 128 tokens per optimizer step. Three runs, ``rounds`` times (picotron first in
+the first, third, ... round; ours first in the others, so a drift of the machine's speed during
+a round favours neither side):
 
 - picotron: ``train.py`` with a config written here. Its model comes from a local folder
   (``config.json`` of a Llama with the tiny shape, a word-level tokenizer of 512 tokens, a
@@ -310,9 +312,16 @@ def run(checkout: Path, steps: int, rounds: int, warmup: int, work: Path, units:
     config = compose_config(work / "unused", bench_overrides(warmup + steps + 1), devices=PROCESSES)
     runs: dict[str, list[list[float]]] = {"picotron": [], **{name: [] for name in _variants(units)}}
     losses: dict[str, list[float]] = {}
+    ours_args = (f"--steps={steps}", f"--warmup={warmup}", *(["--units"] if units else []))
     for index in range(rounds):
-        picotron = run_picotron(checkout, work / "picotron", config, steps, warmup)
-        ours = run_workers(MODULE, PROCESSES, f"--steps={steps}", f"--warmup={warmup}", *(["--units"] if units else []))
+        # picotron first in odd rounds, ours first in even ones: a machine that slows down or
+        # speeds up during a round does not favour one side
+        if index % 2 == 0:
+            picotron = run_picotron(checkout, work / "picotron", config, steps, warmup)
+            ours = run_workers(MODULE, PROCESSES, *ours_args)
+        else:
+            ours = run_workers(MODULE, PROCESSES, *ours_args)
+            picotron = run_picotron(checkout, work / "picotron", config, steps, warmup)
         for name, row in {"picotron": picotron, **ours}.items():
             if row["tokens_per_step"] != picotron["tokens_per_step"]:
                 raise RuntimeError(f"{name} processes {row['tokens_per_step']} tokens per step, picotron "
