@@ -12,7 +12,7 @@ import pytest
 from lightning_3d.config import Config
 
 
-@pytest.mark.parametrize("name", ["suite", "overhead", "vs_lightning", "layouts", "measure", "turns", "levers", "picotron"])
+@pytest.mark.parametrize("name", ["suite", "overhead", "vs_lightning", "layouts", "measure", "turns", "levers", "picotron", "sigterm"])
 def test_bench_modules_import_without_running(name: str) -> None:
     module = importlib.import_module(f"lightning_3d.bench.{name}")
     assert module.__doc__
