@@ -310,8 +310,11 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGrou
     """All-gather K/V (autograd-aware: the backward reduce-scatters), then one masked attention."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     local = q.shape[2]
-    # (cp·b, h, s_local, d) gathered along dim 0, then put in global chunk order
-    k_all, v_all = (all_gather_tensor_autograd(t.contiguous(), gather_dim=0, group=group) for t in (k, v))
+    # (cp·b, h, s_local, d) gathered along dim 0, then put in global chunk order. The contiguous
+    # inputs stay referenced until this returns, after the gathers were waited for (their first
+    # use below): gloo may run the asynchronous work after a temporary input was freed
+    k_in, v_in = k.contiguous(), v.contiguous()
+    k_all, v_all = (all_gather_tensor_autograd(t, gather_dim=0, group=group) for t in (k_in, v_in))
     order = torch.cat([balanced_positions(local, r, cp)[0] for r in range(cp)])
     k_full, v_full = (t.unflatten(0, (cp, -1)).transpose(0, 1).transpose(1, 2).flatten(2, 3) for t in (k_all, v_all))
     inverse = torch.argsort(order)
