@@ -68,19 +68,21 @@ def step_health(
     values[0] = square_sum
     if step_sums is not None:
         values[1 : 1 + extra] = step_sums
-    flags = 1 + extra
-    values[flags] = float(stop_requested)
+    stop = 1 + extra
+    flags = stop + 1
+    values[stop] = float(stop_requested)
     if loss is not None:
-        values[flags + 1 + rank] = (~torch.isfinite(loss.detach())).any().double()
-    values[flags + 1 + world_size + rank] = (~torch.isfinite(square_sum)).double()
+        values[flags + rank] = (~torch.isfinite(loss.detach())).any().double()
+    values[flags + world_size + rank] = (~torch.isfinite(square_sum)).double()
     if world_size > 1:
         dist.all_reduce(values)
     reduced = values.cpu()
-    read = reduced[flags:].tolist()  # one read of every flag, not one tensor index each
-    bad_loss = [r for r in range(world_size) if read[1 + r] > 0]
-    bad_grads = [r for r in range(world_size) if read[1 + world_size + r] > 0]
+    read = reduced[stop:].tolist()  # one read of every flag, not one tensor index each
+    stop_agreed, read = read[0] > 0, read[1:]
+    bad_loss = [r for r in range(world_size) if read[r] > 0]
+    bad_grads = [r for r in range(world_size) if read[world_size + r] > 0]
     sums = reduced[1 : 1 + extra] if step_sums is not None else None
-    return StepHealth(values[0].sqrt().float(), bad_loss, bad_grads, sums, read[0] > 0)
+    return StepHealth(values[0].sqrt().float(), bad_loss, bad_grads, sums, stop_agreed)
 
 
 class NonFiniteGuard:

@@ -9,8 +9,9 @@ whether the weights at the end equal the weights before the first injected step.
 ``observe``, a callback's ``on_before_optimizer_step`` also records the global norm of the
 gradients it sees, next to the norm the strategy agreed on. With ``sigterm``, rank R sends
 itself SIGTERM at the start of training batch b. With ``"odd_broadcasts": true``, the callback
-of ``python -m lightning_3d.bench.sigterm`` runs Lightning's own SIGTERM broadcast on odd batches. Every case records each rank's global_step
-and the number of ``torch.distributed.broadcast`` calls made while training ran.
+of ``python -m lightning_3d.bench.sigterm`` runs Lightning's own SIGTERM broadcast on odd
+batches. Every case records each rank's global_step and the number of
+``torch.distributed.broadcast`` calls made while training ran.
 """
 
 from __future__ import annotations
