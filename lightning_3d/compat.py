@@ -20,8 +20,6 @@ import torch.distributed.distributed_c10d as c10d
 from torch._C._distributed_c10d import _resolve_process_group
 # torch ≥ 2.9: FSDP2-based replicate() for DDP-style data parallel (composable with TP and fully_shard)
 from torch.distributed._composable.replicate_with_fsdp import replicate
-# torch ≥ 2.1: the autograd-aware all-gather the all-gather context-parallel backend uses
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
 # torch ≥ 2.1: the local tensor of an async DTensor collective, and the wait that finishes it (its
 # backward is the identity): compiled blocks get finished inputs (parallel/compile.py)
 from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
@@ -129,21 +127,16 @@ def is_accumulating(trainer: "pl.Trainer") -> bool:
     return trainer.fit_loop._should_accumulate()
 
 
-def take_over_sigterm(
-    trainer: "pl.Trainer", on_signal: Callable[[int, Any], None], drop_batch_broadcast: bool = True
-) -> Callable[[], None]:
+def take_over_sigterm(trainer: "pl.Trainer", on_signal: Callable[[int, Any], None]) -> Callable[[], None]:
     """Replace Lightning's SIGTERM agreement for this trainer; return what undoes it.
 
     ``on_signal`` stands in for ``_SignalConnector._sigterm_notifier_fn`` (bound when the
     trainer registers its signal handlers, so this runs before that, e.g. in ``Strategy.setup``);
     the per-batch broadcast of rank 0's flag (``_TrainingEpochLoop._broadcast_sigterm_tensor``,
-    lightning ≥ 2.5.2) becomes a no-op unless ``drop_batch_broadcast`` is false (it then
-    still runs: every rank broadcasts every batch, so it pairs without the handler's). Both are
-    instance attributes, removed by the undo."""
+    lightning ≥ 2.5.2) becomes a no-op. Both are instance attributes, removed by the undo."""
     connector, epoch_loop = trainer._signal_connector, trainer.fit_loop.epoch_loop
     connector._sigterm_notifier_fn = on_signal
-    if drop_batch_broadcast:
-        epoch_loop._broadcast_sigterm_tensor = lambda: None
+    epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def undo() -> None:
         vars(connector).pop("_sigterm_notifier_fn", None)

@@ -258,10 +258,8 @@ class ModelParallel4DStrategy(ParallelStrategy):
         counts_loss = holds_loss and self.meshes["tp"].get_local_rank() == 0
         self._guard.setup(self.world_size // self.dims.pp, self.root_device, self.meshes["loss"].size(), counts_loss)
         if trainer.state.fn == TrainerFn.FITTING and self.world_size > 1:
-            # SIGTERM agreed on in the step check, not broadcast every batch; the all-gather context
-            # parallel backend keeps Lightning's per-batch broadcast (stop_signal.py says why)
-            allgather_cp = self.dims.cp > 1 and self.parallel.cp_backend == "allgather"
-            self._stop.attach(trainer, drop_batch_broadcast=not allgather_cp)
+            # SIGTERM agreed on in the step check, not broadcast every batch
+            self._stop.attach(trainer)
         else:
             self._stop.detach()
         self.barrier()

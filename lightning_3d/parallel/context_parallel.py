@@ -26,7 +26,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_3d.compat import all_gather_tensor_autograd
 from lightning_3d.errors import ConfigError
 
 BACKENDS = ("ring", "allgather", "native")
@@ -306,15 +305,35 @@ class RingAttention(torch.autograd.Function):
         return torch.cat(d_q, dim=2).to(q.dtype), d_k, d_v, None, None, None
 
 
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 0 of the cp group; the backward reduce-scatters the gradient.
+
+    Blocking c10d calls, as the ring's transfers are waited for in place: under gloo, torch's
+    asynchronous functional all-gather corrupted memory about once in four two-rank runs
+    (segfaults in ``wait_tensor``, ``free(): invalid pointer``) when the ranks drifted apart."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        tensor = tensor.contiguous()
+        gathered = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_single(gathered, tensor, group=group)
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous()
+        part = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        dist.reduce_scatter_single(part, grad, group=ctx.group)
+        return part, None
+
+
 def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, causal: bool, scale: float | None = None) -> Tensor:
-    """All-gather K/V (autograd-aware: the backward reduce-scatters), then one masked attention."""
+    """All-gather K/V (the backward reduce-scatters), then one masked attention."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     local = q.shape[2]
-    # (cp·b, h, s_local, d) gathered along dim 0, then put in global chunk order. The contiguous
-    # inputs stay referenced until this returns, after the gathers were waited for (their first
-    # use below): gloo may run the asynchronous work after a temporary input was freed
-    k_in, v_in = k.contiguous(), v.contiguous()
-    k_all, v_all = (all_gather_tensor_autograd(t, gather_dim=0, group=group) for t in (k_in, v_in))
+    # (cp·b, h, s_local, d) gathered along dim 0, then put in global chunk order
+    k_all, v_all = (_GatherSequence.apply(t, group) for t in (k, v))
     order = torch.cat([balanced_positions(local, r, cp)[0] for r in range(cp)])
     k_full, v_full = (t.unflatten(0, (cp, -1)).transpose(0, 1).transpose(1, 2).flatten(2, 3) for t in (k_all, v_all))
     inverse = torch.argsort(order)

@@ -13,9 +13,7 @@ Under :class:`~lightning_3d.strategy.ModelParallel4DStrategy` with more than one
   so a signal on any rank is seen by every rank after the same optimizer step;
 - every rank then sets Lightning's ``received_sigterm``, and Lightning's own checks at the end
   of that batch raise ``SIGTERMException`` on all of them together;
-- the per-batch broadcast is dropped, except under context parallel's all-gather backend:
-  without that per-batch meeting of the ranks, its gloo collectives crashed (a segfault or a
-  heap corruption) in about one run in four of the two-rank parity group.
+- the per-batch broadcast is dropped.
 
 A signal during validation is acted on after the next optimizer step. Lightning's handling
 is kept for one process and outside ``fit`` (validate, test, predict).
@@ -44,12 +42,12 @@ class StopSignal:
         self._trainer: Optional["pl.Trainer"] = None
         self._undo: Optional[Callable[[], None]] = None
 
-    def attach(self, trainer: "pl.Trainer", drop_batch_broadcast: bool = True) -> None:
+    def attach(self, trainer: "pl.Trainer") -> None:
         """Take over the trainer's SIGTERM handling (before Lightning registers its signal handlers)."""
         self.detach()
         self.requested = False
         self._trainer = trainer
-        self._undo = take_over_sigterm(trainer, self._on_signal, drop_batch_broadcast)
+        self._undo = take_over_sigterm(trainer, self._on_signal)
 
     def detach(self) -> None:
         """Give Lightning its own handling back (a later validate/test/predict uses it)."""
