@@ -3,6 +3,7 @@ own checks and counts, its API and CLI, and every kind of bad input it refuses (
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -237,13 +238,30 @@ BAD_INPUT = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_one_clear_error_and_exit_code_2(case):
-    args, phrases = BAD_INPUT[case]
+def _error_message(stderr: str) -> str:
+    last = stderr.strip().splitlines()
+    return "\n".join(last[next(i for i, line in enumerate(last) if line.startswith("error: ")) :])
+
+
+def test_bad_input_through_the_command_exits_2_with_one_message():
+    args, phrases = BAD_INPUT["unknown_gpu"]
     result = _plan_cli(*args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()
-    message = "\n".join(last[next(i for i, line in enumerate(last) if line.startswith("error: ")):])
+    message = _error_message(result.stderr)
+    for phrase in phrases:
+        assert phrase in message, message
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_clear_error_and_exit_code_2(case, capsys):
+    # the command's main() in this process (a launch costs seconds of imports); any exception
+    # but the exit with code 2 fails the test, as a traceback would
+    args, phrases = BAD_INPUT[case]
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module("lightning_3d.plan").main(list(args))
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2, stderr[-3000:]
+    message = _error_message(stderr)
     for phrase in phrases:
         assert phrase in message, message
