@@ -30,11 +30,6 @@ DP_SHARD2_TP2 = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return _results(tmp_path_factory, "one_rank", 1, {"single": DEBUG})
-
-
-@pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return _results(tmp_path_factory, "two_ranks", 2, TP2)
 

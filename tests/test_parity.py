@@ -149,11 +149,6 @@ def _results(tmp_path_factory: pytest.TempPathFactory, name: str, nproc: int, ca
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return _results(tmp_path_factory, "one_rank", 1, ONE_RANK)
-
-
-@pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return _results(tmp_path_factory, "two_ranks", 2, TWO_RANKS)
 

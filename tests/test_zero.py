@@ -40,8 +40,8 @@ FOUR_RANKS = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return _results(tmp_path_factory, "zero_one_rank", 1, {"single_batch16": DEBUG + BATCH16})["single_batch16"]
+def reference_batch16(reference):
+    return reference["single_batch16"]  # DEBUG + BATCH16, among the shared 1-process runs
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +55,21 @@ def four_ranks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(TWO_RANKS))
-def test_two_rank_parity(case, reference, two_ranks):
-    assert_parity(two_ranks[case], reference)
+def test_two_rank_parity(case, reference_batch16, two_ranks):
+    assert_parity(two_ranks[case], reference_batch16)
     assert two_ranks[case]["global_step"] == 6
 
 
 @pytest.mark.parametrize("case", list(FOUR_RANKS))
-def test_four_rank_parity(case, reference, four_ranks):
-    assert_parity(four_ranks[case], reference)
+def test_four_rank_parity(case, reference_batch16, four_ranks):
+    assert_parity(four_ranks[case], reference_batch16)
 
 
-def test_stages_end_on_the_same_optimizer_states(reference, two_ranks):
+def test_stages_end_on_the_same_optimizer_states(reference_batch16, two_ranks):
     # AdamW's moments are sharded in every stage; gathered, they are the 1-process ones
     name = "state.model.layers.0.attention.wq.weight.exp_avg_sq"
     for stage in (1, 2, 3):
-        torch.testing.assert_close(two_ranks[f"zero{stage}_accumulate2"]["optimizer"][name], reference["optimizer"][name], rtol=1e-3, atol=1e-12)
+        torch.testing.assert_close(two_ranks[f"zero{stage}_accumulate2"]["optimizer"][name], reference_batch16["optimizer"][name], rtol=1e-3, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- the names, and bad input
