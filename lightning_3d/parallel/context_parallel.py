@@ -309,8 +309,8 @@ class _GatherSequence(torch.autograd.Function):
     """All-gather along dim 0 of the cp group; the backward reduce-scatters the gradient.
 
     Blocking c10d calls, as the ring's transfers are waited for in place: under gloo, torch's
-    asynchronous functional all-gather corrupted memory about once in four two-rank runs
-    (segfaults in ``wait_tensor``, ``free(): invalid pointer``) when the ranks drifted apart."""
+    asynchronous functional all-gather crashed some two-rank parity runs (segfaults in
+    ``wait_tensor``, ``free(): invalid pointer``; docs/benchmarks.md has the counts)."""
 
     @staticmethod
     def forward(ctx, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
