@@ -11,8 +11,7 @@ the test short (inductor is run by the commands in docs/performance.md).
 
 from __future__ import annotations
 
-import pytest
-from test_parity import DEBUG, _results, assert_parity
+from test_parity import DEBUG, assert_parity
 
 from lightning_3d.config import PerfConfig
 from lightning_3d.dims import ParallelDims
@@ -27,16 +26,6 @@ DP_SHARD2_TP2 = {
     # selective: blocks 0 and 2 compiled inside their checkpoints, 1 and 3 plainly; FSDP2 around both
     "dp_shard2_tp2_compile_ac_selective": DEBUG + ["parallel.dp_shard=2", "parallel.tp=2", "perf.activation_checkpoint=selective"] + COMPILE,
 }
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return _results(tmp_path_factory, "two_ranks", 2, TP2)
-
-
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return _results(tmp_path_factory, "four_ranks", 4, DP_SHARD2_TP2)
 
 
 def test_compile_is_accepted_with_tensor_parallel() -> None:

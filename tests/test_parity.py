@@ -149,16 +149,6 @@ def _results(tmp_path_factory: pytest.TempPathFactory, name: str, nproc: int, ca
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return _results(tmp_path_factory, "two_ranks", 2, TWO_RANKS)
-
-
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return _results(tmp_path_factory, "four_ranks", 4, FOUR_RANKS)
-
-
-@pytest.fixture(scope="module")
 def eight_ranks(tmp_path_factory):
     return _results(tmp_path_factory, "eight_ranks", 8, EIGHT_RANKS)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_parity import DEBUG, _results, assert_parity
+from test_parity import DEBUG, assert_parity
 
 from lightning_3d import ModelParallel4DStrategy
 from lightning_3d.config import ParallelConfig
@@ -42,16 +42,6 @@ FOUR_RANKS = {
 @pytest.fixture(scope="module")
 def reference_batch16(reference):
     return reference["single_batch16"]  # DEBUG + BATCH16, among the shared 1-process runs
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return _results(tmp_path_factory, "zero_two_ranks", 2, TWO_RANKS)
-
-
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return _results(tmp_path_factory, "zero_four_ranks", 4, FOUR_RANKS)
 
 
 @pytest.mark.parametrize("case", list(TWO_RANKS))
